@@ -1,0 +1,159 @@
+"""Evaluate trained runs: raw and post-hoc logit-adjusted metrics, a tau sweep chosen on validation, plots.
+
+    python eval.py                          # runs/latest
+    python eval.py RUN --posthoc --tau 1    # argmax f(x) - tau * log(prior)
+    python eval.py RUN --tau-sweep          # tau=1, tau chosen on validation, and the test-tuned oracle
+    python eval.py CE_RUN LA_RUN --posthoc --plot per_class.png
+
+Logits are computed once per checkpoint and cached in the run directory (logits.pt).
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from la import UserError, checkpoint, config, data, dist, evaluation, losses, metrics, models, precision, tausweep
+
+ROWS = (("top1", "top-1"), ("balanced_acc", "balanced acc"), ("many", "many-shot (>100)"),
+        ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"), ("nll", "NLL"), ("ece", "ECE (15 bins)"))
+
+
+def parse_args(argv):
+    p = config.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="*", default=["runs/latest"], help="run directories or checkpoint files (default runs/latest)")
+    p.add_argument("--posthoc", action="store_true", help="also report argmax f(x) - tau * log(prior)")
+    p.add_argument("--tau", type=float, default=1.0, help="post-hoc temperature (default 1, the paper's)")
+    p.add_argument("--allow-negative-tau", action="store_true", help="permit --tau < 0 (it favours the head classes)")
+    p.add_argument("--tau-sweep", action="store_true", help="sweep tau; choose it on validation, report the oracle apart")
+    p.add_argument("--taus", default="0:3:0.05", metavar="START:STOP:STEP", help="sweep grid, STOP included (default 0:3:0.05)")
+    p.add_argument("--plot", metavar="PNG", help="per-class accuracy chart of all runs, head to tail")
+    p.add_argument("--data-root", help="where the dataset lives if logits must be computed (default: the run's)")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=1024)
+    args = p.parse_args(argv)
+    if args.tau < 0 and not args.allow_negative_tau:
+        raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
+    return args
+
+
+def resolve(path):
+    """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.resolve(), path.resolve() / "checkpoint.pt"
+    if path.is_file():
+        return path.resolve().parent, path.resolve()
+    hint = "; train one first (python train.py)" if path.name == "latest" else ""
+    raise UserError(f"no run at {path}{hint}")
+
+
+def load_logits(run_dir, ckpt_path, args, ctx):
+    """{split: (logits, labels)} for val and test, from the cache when it belongs to this checkpoint."""
+    sha = checkpoint.file_sha256(ckpt_path)
+    cache = run_dir / "logits.pt"
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, map_location="cpu", weights_only=True)
+            if cached.get("checkpoint_sha256") == sha:
+                return cached["splits"], cached["class_counts"], cached["config"]
+        except Exception:
+            pass  # unreadable cache: recompute it
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = config.from_dict(ckpt["config"])
+    if args.data_root:
+        cfg.data.root = args.data_root
+    elif os.environ.get("LA_DATA_ROOT"):
+        cfg.data.root = os.environ["LA_DATA_ROOT"]
+    splits = data.prepare(cfg.data)
+    if ckpt.get("split_manifest") not in (None, splits.manifest):
+        raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
+    model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ckpt_path} does not fit a {cfg.model.name}: {str(e).splitlines()[0]}")
+    model = model.to(ctx.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    prec = precision.resolve(cfg.train.precision, ctx.device)
+    out = {}
+    for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+        if len(y):
+            logits = evaluation.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
+            out[name] = (logits, torch.as_tensor(y))
+    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"]}
+    checkpoint.save_atomic(entry, cache)
+    return out, ckpt["class_counts"], ckpt["config"]
+
+
+def fmt(v):
+    return "absent" if v is None else f"{v:.2f}"
+
+
+def print_table(title, columns, counts):
+    """columns: {label: metrics dict}."""
+    labels = list(columns)
+    width = max(14, *(len(l) + 2 for l in labels))
+    print(f"\n{title}")
+    print(f"{'':22s}" + "".join(f"{l:>{width}s}" for l in labels))
+    for key, name in ROWS:
+        print(f"{name:22s}" + "".join(f"{fmt(columns[l][key]):>{width}s}" for l in labels))
+    print(f"per-class accuracy (class: train images)")
+    for c, n in enumerate(counts):
+        print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
+
+
+def evaluate_run(path, args, ctx):
+    run_dir, ckpt_path = resolve(path)
+    splits, counts, cfg_dict = load_logits(run_dir, ckpt_path, args, ctx)
+    loss_name, train_tau = cfg_dict["loss"]["name"], cfg_dict["loss"]["tau"]
+    log_pi = losses.log_prior(counts)
+    if args.posthoc and loss_name == "la":
+        print(f"warning: {run_dir.name} was trained with the logit-adjusted loss (tau={train_tau:g}); "
+              f"post-hoc adjustment subtracts the prior a second time", file=sys.stderr)
+    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "loss": loss_name, "class_counts": counts}
+    for split, (logits, labels) in splits.items():
+        columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
+        if args.posthoc:
+            columns[f"post-hoc tau={args.tau:g}"] = metrics.evaluate_logits(
+                losses.posthoc_adjust(logits, log_pi, args.tau), labels, counts)
+        report[split] = {"raw": columns["raw"]}
+        if args.posthoc:
+            report[split]["posthoc"] = {"tau": args.tau, **columns[f"post-hoc tau={args.tau:g}"]}
+        if split == "test":
+            print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
+    if args.tau_sweep:
+        if "val" not in splits:
+            raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
+        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, tausweep.parse_grid(args.taus))
+        report["tau_sweep"] = sweep
+        print(tausweep.describe(sweep))
+        png = run_dir / "tau_sweep.png"
+        from la import plots
+
+        plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name})")
+        print(f"plot: {png}")
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv):
+    args = parse_args(argv)
+    ctx = dist.Context(0, 0, 1, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    reports = [evaluate_run(p, args, ctx) for p in args.runs]
+    if args.plot:
+        from la import plots
+
+        plots.per_class(reports, args.plot)
+        print(f"per-class chart: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

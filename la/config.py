@@ -1,0 +1,224 @@
+"""Recipes: typed defaults, a YAML file on top, then CLI flags, then --set dotted.key=value.
+
+Every key reaches the code; an unknown key or a value of the wrong type is a UserError.
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from la import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "paper_cifar10.yaml"
+
+
+@dataclass
+class Data:
+    dataset: str = "cifar10"        # cifar10 | cifar100
+    root: str = "./data"            # overridden by $LA_DATA_ROOT, then --data-root
+    download: bool = True           # fetch with torchvision's downloader when absent
+    profile: str = "exp"            # exp | step
+    rho: float = 100.0              # imbalance ratio n_max / n_min, >= 1
+    subset_seed: int = 0            # LDAM-DRW's rand_number: which images form the subset
+    val_per_class: int = 20         # balanced validation split from the unused images; 0 disables
+    loader: str = "tensor"          # tensor (uint8 on device, batched aug) | torchvision (reference)
+    workers: int = 2                # DataLoader workers, torchvision loader only
+    augment: bool = True            # pad-4 random crop + horizontal flip
+
+
+@dataclass
+class Model:
+    name: str = "resnet32"          # resnet32 | resnet34
+
+
+@dataclass
+class Loss:
+    name: str = "ce"                # ce | la
+    tau: float = 1.0                # temperature of the log-prior shift in the la loss
+
+
+@dataclass
+class Optim:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    warmup_epochs: int = 5          # linear warm-up, per step
+    milestones: list = field(default_factory=lambda: [160, 180])
+    gamma: float = 0.1
+
+
+@dataclass
+class Train:
+    epochs: int = 200
+    batch_size: int = 128           # global batch, split evenly over ranks
+    seed: int = 0                   # initialisation, data order and augmentation
+    precision: str = "auto"         # auto | fp32 | bf16
+    channels_last: bool = True
+    compile: bool = False
+    eval_every: int = 1             # evaluate every N epochs (and always after the last)
+    eval_batch_size: int = 1024
+    out: str = ""                   # run directory; empty means runs/{dataset}-lt_rho{rho}_{loss}_s{seed}
+
+
+@dataclass
+class Config:
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    loss: Loss = field(default_factory=Loss)
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+
+
+# CLI flag -> dotted key; flags are shorthands for --set.
+FLAG_KEYS = {
+    "dataset": "data.dataset",
+    "rho": "data.rho",
+    "data_root": "data.root",
+    "loss": "loss.name",
+    "tau": "loss.tau",
+    "epochs": "train.epochs",
+    "seed": "train.seed",
+    "out": "train.out",
+}
+
+CHOICES = {
+    "data.dataset": ("cifar10", "cifar100"),
+    "data.profile": ("exp", "step"),
+    "data.loader": ("tensor", "torchvision"),
+    "model.name": ("resnet32", "resnet34"),
+    "loss.name": ("ce", "la"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+
+
+def _coerce(key, value, default):
+    """Convert value to the type of the field's default; strings from the CLI are parsed as YAML."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{key}: cannot parse {value!r}")
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value
+    if type(value) is not kind or kind is list:
+        want = "list of integers" if kind is list else kind.__name__
+        raise UserError(f"{key}: expected {want}, got {value!r}")
+    return value
+
+
+def set_key(cfg, key, value):
+    parts = key.split(".")
+    if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
+        raise UserError(f"unknown config key {key!r}")
+    section = getattr(cfg, parts[0])
+    setattr(section, parts[1], _coerce(key, value, getattr(section, parts[1])))
+
+
+def flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping")
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def load_yaml(path):
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}")
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    return dict(flatten(tree))
+
+
+def validate(cfg):
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    checks = [
+        (cfg.data.rho >= 1, "data.rho must be >= 1"),
+        (cfg.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def build(config_path=None, overrides=()):
+    """Defaults <- YAML <- $LA_DATA_ROOT <- overrides (a list of (dotted key, value))."""
+    cfg = Config()
+    for key, value in load_yaml(config_path or DEFAULT_CONFIG).items():
+        set_key(cfg, key, value)
+    if os.environ.get("LA_DATA_ROOT"):
+        cfg.data.root = os.environ["LA_DATA_ROOT"]
+    for key, value in overrides:
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def parse_set(items):
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree):
+    cfg = Config()
+    for key, value in flatten(tree):
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def format_rho(rho):
+    return f"{rho:g}"
+
+
+def default_run_dir(cfg):
+    return Path("runs") / f"{cfg.data.dataset}-lt_rho{format_rho(cfg.data.rho)}_{cfg.loss.name}_s{cfg.train.seed}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UserError (one line) instead of usage text and exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def add_recipe_flags(parser):
+    parser.add_argument("--config", help=f"recipe YAML (default {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)})")
+    for flag, key in FLAG_KEYS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar="VALUE", help=f"sets {key}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
+
+
+def from_args(args):
+    overrides = [(FLAG_KEYS[f], getattr(args, f)) for f in FLAG_KEYS if getattr(args, f) is not None]
+    return build(args.config, overrides + parse_set(args.set))

@@ -1,0 +1,321 @@
+"""CIFAR from its python pickles, the long-tailed subset, the validation split, and batches.
+
+The subset follows kaidic/LDAM-DRW's IMBALANCECIFAR exactly (same counts, same images for
+the same seed), so numbers here are comparable with the PyTorch long-tail literature.
+"""
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from la import UserError
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+LAYOUT = {
+    # dataset: (folder, train files, test files, label key, classes, torchvision class name)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10, "CIFAR10"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100, "CIFAR100"),
+}
+
+
+def num_classes(dataset):
+    return LAYOUT[dataset][4]
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_batch(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated, not a pickle, wrong keys or shape
+        raise UserError(f"corrupt CIFAR file {path}: {type(e).__name__}: {e}")
+    if len(x) != len(y):
+        raise UserError(f"corrupt CIFAR file {path}: {len(x)} images but {len(y)} labels")
+    return x, y
+
+
+def _download(root, dataset):
+    import torchvision  # only needed here
+
+    try:
+        getattr(torchvision.datasets, LAYOUT[dataset][5])(root, train=True, download=True)
+    except Exception as e:
+        raise UserError(
+            f"{dataset} not found under {Path(root).resolve()} and download failed ({type(e).__name__}); "
+            f"put the python-pickle folder {LAYOUT[dataset][0]}/ there or pass --data-root"
+        )
+
+
+def load_cifar(root, dataset, download=False):
+    """Return (train_x, train_y, test_x, test_y): uint8 N x 3 x 32 x 32 and int64 labels, original order."""
+    folder, train_files, test_files, label_key, _, _ = LAYOUT[dataset]
+    base = Path(root) / folder
+    missing = [n for n in train_files + test_files if not (base / n).is_file()]
+    if missing and download:
+        _download(root, dataset)
+        missing = [n for n in train_files + test_files if not (base / n).is_file()]
+    if missing:
+        raise UserError(
+            f"{dataset} not found: {base.resolve()} lacks {', '.join(missing)}; "
+            f"put the python-pickle files there, pass --data-root, or set data.download=true with network"
+        )
+    parts = {}
+    for split, names in (("train", train_files), ("test", test_files)):
+        xs, ys = zip(*(_read_batch(base / n, label_key) for n in names))
+        parts[split] = (np.concatenate(xs), np.concatenate(ys))
+    return parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1]
+
+
+# ---------------------------------------------------------------- long-tailed subset
+
+def class_counts(n_classes, n_max, rho, profile="exp"):
+    """Images per class, class 0 the head: LDAM-DRW's get_img_num_per_cls with imb_factor = 1/rho."""
+    if profile == "exp":
+        return [int(n_max * (1.0 / rho) ** (i / (n_classes - 1.0))) for i in range(n_classes)]
+    if profile == "step":
+        head = n_classes // 2
+        return [int(n_max)] * head + [int(n_max * (1.0 / rho))] * (n_classes - head)
+    raise UserError(f"unknown profile {profile!r}")
+
+
+def longtail_indices(labels, counts, seed):
+    """Per class in order: shuffle that class's indices with a local RandomState, keep the first n_i."""
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        keep.append(idx[:n])
+    return np.concatenate(keep)
+
+
+def carve_validation(labels, train_idx, per_class, seed):
+    """A balanced split of per_class images per class, disjoint from training. Returns (train_idx, val_idx).
+
+    Images come from the training images the subset left out. A head class kept whole
+    (class 0 at rho > 1, every class at rho = 1) has none left out: its shortfall is moved
+    out of the end of its training images (20 of 5,000 by default), and the manifest says so.
+    """
+    if per_class == 0:
+        return train_idx, np.zeros(0, dtype=np.int64)
+    unused = np.ones(len(labels), dtype=bool)
+    unused[train_idx] = False
+    rng = np.random.RandomState(seed + 1_000_003)  # its own stream, independent of the subset's
+    picks, moved = [], []
+    for c in range(int(labels.max()) + 1):
+        pool = np.where(unused & (labels == c))[0]
+        take = rng.choice(pool, min(per_class, len(pool)), replace=False)
+        short = per_class - len(take)
+        if short:
+            own = train_idx[labels[train_idx] == c]
+            if short > len(own) // 2:
+                raise UserError(f"val_per_class={per_class} is larger than class {c}'s unused pool ({len(pool)} images) "
+                                f"plus half of its {len(own)} training images")
+            take = np.concatenate([take, own[len(own) - short:]])
+            moved.append(own[len(own) - short:])
+        picks.append(np.sort(take))
+    if moved:
+        train_idx = train_idx[~np.isin(train_idx, np.concatenate(moved))]
+    return train_idx, np.concatenate(picks)
+
+
+def index_hash(idx):
+    return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class Splits:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    counts: list
+    manifest: dict
+
+
+def prepare(data_cfg):
+    """Load the dataset named by a config's data section and carve the long-tailed and validation splits."""
+    x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
+    n_classes = num_classes(data_cfg.dataset)
+    n_max = len(y) // n_classes
+    subset_counts = class_counts(n_classes, n_max, data_cfg.rho, data_cfg.profile)
+    train_idx = longtail_indices(y, subset_counts, data_cfg.subset_seed)
+    train_idx, val_idx = carve_validation(y, train_idx, data_cfg.val_per_class, data_cfg.subset_seed)
+    counts = np.bincount(y[train_idx], minlength=n_classes).tolist()
+    manifest = {
+        "dataset": data_cfg.dataset,
+        "profile": data_cfg.profile,
+        "rho": data_cfg.rho,
+        "subset_seed": data_cfg.subset_seed,
+        "subset_counts": subset_counts,
+        "class_counts": counts,
+        "moved_to_val": [a - b for a, b in zip(subset_counts, counts)],
+        "train_size": int(len(train_idx)),
+        "train_index_sha256": index_hash(train_idx),
+        "val_per_class": data_cfg.val_per_class,
+        "val_size": int(len(val_idx)),
+        "val_index_sha256": index_hash(val_idx),
+        "test_size": int(len(test_y)),
+    }
+    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y, counts, manifest)
+
+
+# ---------------------------------------------------------------- batches
+
+def epoch_generator(seed, epoch):
+    """Every rank draws the same permutation and augmentation for an epoch, and resuming re-draws them."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_plan(n, batch_size, world_size, seed, epoch):
+    """The epoch's permutation cut into global batches; a short last batch is cut to a multiple of world_size."""
+    perm = torch.randperm(n, generator=epoch_generator(seed, epoch))
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    tail = len(batches[-1]) // world_size * world_size
+    batches[-1] = batches[-1][:tail]
+    return [b for b in batches if len(b)]
+
+
+def shard(batch, rank, world_size):
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+def augment_params(n, seed, epoch):
+    """Crop offsets in 0..8 (torchvision's RandomCrop(32, padding=4)) and flips, one per training image."""
+    g = epoch_generator(seed, epoch)
+    g.manual_seed(g.initial_seed() ^ 0x5EED)
+    offsets = torch.randint(0, 9, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    return offsets, flips
+
+
+def crop_flip(x, offsets, flips):
+    """Pad-4 random crop and horizontal flip of a uint8 N x 3 x 32 x 32 batch, as tensor ops."""
+    n = x.shape[0]
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    ar = torch.arange(32, device=x.device)
+    rows = (offsets[:, 0:1] + ar)[:, None, :, None]
+    cols = offsets[:, 1:2] + ar
+    cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+
+
+class Normalize:
+    """uint8 -> float, CIFAR mean/std, in the memory format the model wants."""
+
+    def __init__(self, device, channels_last):
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x):
+        x = x.contiguous(memory_format=self.memory_format)
+        return (x.float() - self.mean) * self.inv_std
+
+
+class TensorLoader:
+    """The training set as one uint8 tensor on the device; each epoch a seeded, rank-sharded plan.
+
+    Batches for epoch e are a pure function of (seed, e), so a run resumed mid-epoch sees
+    exactly the batches it would have seen.
+    """
+
+    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True):
+        self.x = torch.as_tensor(x).to(device)
+        self.y = torch.as_tensor(y).to(device)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.augment = augment
+        self.normalize = Normalize(device, channels_last)
+
+    def steps(self, epoch):
+        return len(epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch))
+
+    def batches(self, epoch, start_step=0):
+        plan = epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch)
+        offsets, flips = augment_params(len(self.y), self.seed, epoch)
+        device = self.x.device
+        for batch in plan[start_step:]:
+            idx = shard(batch, self.rank, self.world_size)
+            x = self.x[idx.to(device)]
+            if self.augment:
+                x = crop_flip(x, offsets[idx].to(device), flips[idx].to(device))
+            yield self.normalize(x), self.y[idx.to(device)]
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """This rank's indices of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
+
+    def __init__(self, plan, rank, world_size):
+        self.indices = [int(i) for b in plan for i in shard(b, rank, world_size)]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y, transform):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i].transpose(1, 2, 0))), int(self.y[i])
+
+
+def reference_transform(augment=True):
+    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, 4), flip, ToTensor, Normalize."""
+    import torchvision.transforms as T
+
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class TorchvisionLoader:
+    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices per epoch."""
+
+    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
+        self.dataset = _ArrayDataset(x, y, reference_transform(augment))
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = len(y), batch_size, rank, world_size, seed
+        self.device, self.workers = device, workers
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def steps(self, epoch):
+        return len(epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch))
+
+    def batches(self, epoch, start_step=0):
+        plan = epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch)[start_step:]
+        if not plan:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size // self.world_size, sampler=_PlanSampler(plan, self.rank, self.world_size),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            generator=epoch_generator(self.seed, epoch),  # seeds the workers' PIL augmentation
+        )
+        # the last batch may be shorter; the sampler already holds whole per-rank batches, so this stays aligned
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format), y.to(self.device)
+
+
+def make_loader(data_cfg, splits, batch_size, rank, world_size, seed, device, channels_last):
+    kind = TensorLoader if data_cfg.loader == "tensor" else TorchvisionLoader
+    extra = {"workers": data_cfg.workers} if data_cfg.loader == "torchvision" else {}
+    return kind(splits.train_x, splits.train_y, batch_size, rank, world_size, seed, device, channels_last, data_cfg.augment, **extra)

@@ -1,0 +1,74 @@
+"""torchrun's environment, process-group set-up and the few collectives the loop needs."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from la import UserError
+
+
+@dataclass
+class Context:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup(device_name=None):
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun); one process without them. gloo on CPU, nccl on CUDA."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() if device_name is None else device_name == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if use_cuda else None)
+    return Context(rank, local_rank, world_size, device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks in place (a no-op for one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag, device):
+    """True on every rank if flag is true on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def check_same(value, what):
+    """Fail on every rank if a string (e.g. a data hash) differs between ranks."""
+    if not dist.is_initialized():
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) != 1:
+        raise UserError(f"{what} differs between ranks: {values}")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

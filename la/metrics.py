@@ -1,0 +1,56 @@
+"""Every number the repo reports, from one vector of sums.
+
+Metrics are accumulated as sums (per-class correct and count, NLL, calibration bins) so a
+distributed evaluation adds them with one all_reduce and counts each image exactly once.
+"""
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 15
+SHOTS = (("many", lambda n: n > 100), ("medium", lambda n: 20 <= n <= 100), ("few", lambda n: n < 20))
+
+
+def accumulate(logits, labels, num_classes):
+    """Sums for one batch: [correct per class | count per class | nll | bin count | bin confidence | bin correct]."""
+    logits, labels = logits.float(), labels.long()
+    log_probs = F.log_softmax(logits, dim=1)
+    conf, pred = log_probs.exp().max(dim=1)
+    hit = (pred == labels).double()
+    bins = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+    sums = [
+        torch.bincount(labels, weights=hit, minlength=num_classes),
+        torch.bincount(labels, minlength=num_classes).double(),
+        -log_probs.gather(1, labels[:, None]).double().sum().view(1),
+        torch.bincount(bins, minlength=ECE_BINS).double(),
+        torch.bincount(bins, weights=conf.double(), minlength=ECE_BINS),
+        torch.bincount(bins, weights=hit, minlength=ECE_BINS),
+    ]
+    return torch.cat([s.to(torch.float64) for s in sums])
+
+
+def summarize(sums, num_classes, train_counts):
+    """Turn accumulated sums into the reported metrics (percentages; NLL in nats; ECE in %)."""
+    sums = sums.cpu()
+    c = num_classes
+    correct, count = sums[:c], sums[c:2 * c]
+    nll = sums[2 * c]
+    b_count, b_conf, b_hit = sums[2 * c + 1:].view(3, ECE_BINS)
+    total = count.sum()
+    per_class = torch.where(count > 0, correct / count.clamp(min=1), torch.nan)
+    seen = count > 0
+    out = {
+        "top1": 100 * float(correct.sum() / total),
+        "balanced_acc": 100 * float(per_class[seen].mean()),
+        "nll": float(nll / total),
+        "ece": 100 * float((b_hit - b_conf).abs().sum() / total),
+        "per_class": [None if not s else round(100 * float(a), 4) for a, s in zip(per_class, seen)],
+    }
+    for name, in_group in SHOTS:
+        members = [i for i, n in enumerate(train_counts) if in_group(n) and seen[i]]
+        out[name] = 100 * float(per_class[members].mean()) if members else None
+    return out
+
+
+def evaluate_logits(logits, labels, train_counts):
+    num_classes = logits.shape[1]
+    return summarize(accumulate(logits, labels, num_classes), num_classes, train_counts)

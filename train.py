@@ -1,0 +1,258 @@
+"""Train a ResNet on long-tailed CIFAR with cross-entropy (--loss ce) or the logit-adjusted loss (--loss la).
+
+    python train.py --loss la --rho 100
+    torchrun --nproc_per_node=2 train.py --loss la --rho 100
+    python train.py --out runs/my_run --resume        # continue an interrupted run
+
+Reads top to bottom: config -> distributed set-up -> data, model, optimizer -> epochs -> checkpoint.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from la import UserError, checkpoint, config, data, dist, evaluation, losses, models, precision
+
+# Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
+RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
+                     "train.eval_batch_size", "train.compile", "train.out"}
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "eval.json", "logits.pt")
+
+
+def parse_args(argv):
+    parser = config.Parser(description=__doc__.split("\n")[0])
+    config.add_recipe_flags(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or started run in --out")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    return parser.parse_args(argv)
+
+
+def lr_factor(step, steps_per_epoch, optim):
+    """Linear warm-up over warmup_epochs (per step), then x gamma at each milestone epoch."""
+    epoch = step // steps_per_epoch
+    if epoch < optim.warmup_epochs:
+        return (step + 1) / (optim.warmup_epochs * steps_per_epoch)
+    return optim.gamma ** sum(epoch >= m for m in optim.milestones)
+
+
+def prepare_run_dir(run_dir, resume, overwrite, is_main):
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+        return
+    taken = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if taken and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue it or --overwrite to replace it")
+    if is_main:
+        for f in taken:
+            (run_dir / f).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(cfg, saved):
+    """The resumed run must learn the same thing it started learning."""
+    now, then = dict(config.flatten(config.to_dict(cfg))), dict(config.flatten(config.to_dict(config.from_dict(saved))))
+    changed = sorted(k for k in now if now[k] != then[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        k = changed[0]
+        raise UserError(f"checkpoint was trained with {k}={then.get(k)!r} but {now[k]!r} was asked for; "
+                        f"resume with the run's own settings")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit; a second one kills at once."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+
+def update_latest(run_dir):
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+
+
+def main(argv):
+    args = parse_args(argv)
+    cfg = config.from_args(args)
+    ctx = dist.setup(args.device)
+    try:
+        return train(cfg, args, ctx)
+    finally:
+        dist.teardown()
+
+
+def train(cfg, args, ctx):
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    tc = cfg.train
+    if tc.batch_size % ctx.world_size:
+        raise UserError(f"global batch {tc.batch_size} is not divisible by world size {ctx.world_size}")
+    run_dir = Path(tc.out) if tc.out else config.default_run_dir(cfg)
+    prepare_run_dir(run_dir, args.resume, args.overwrite, ctx.is_main)
+    dist.barrier()
+
+    # ---- data: every rank builds the same subset; the hashes prove it
+    splits = data.prepare(cfg.data)
+    dist.check_same(json.dumps(splits.manifest, sort_keys=True), "split manifest")
+    prec = precision.resolve(tc.precision, ctx.device)
+    loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
+    steps_per_epoch = loader.steps(0)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
+
+    # ---- model, loss, optimizer
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    n_classes = data.num_classes(cfg.data.dataset)
+    model = models.build(cfg.model.name, n_classes).to(ctx.device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = losses.build_loss(cfg.loss.name, splits.counts, cfg.loss.tau)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
+
+    start_epoch, start_step, partial = 0, 0, torch.zeros(3, dtype=torch.float64)
+    if args.resume:
+        ckpt = checkpoint.load(run_dir / "checkpoint.pt")
+        check_resumable(cfg, ckpt["config"])
+        if ckpt.get("split_manifest") != splits.manifest:
+            raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
+        partial = ckpt["partial"] if ctx.is_main else partial
+        if ctx.is_main:  # drop metric lines written after the checkpoint (a kill between the two writes)
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+            kept = [l for l in lines if json.loads(l)["epoch"] <= start_epoch]
+            (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        say(f"resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}")
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+        (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
+        update_latest(run_dir)
+
+    raw_model = model
+    if ctx.distributed:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+
+    say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
+        f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
+        f"({models.num_params(raw_model) / 1e6:.2f}M params), loss={cfg.loss.name}"
+        f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
+        f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
+
+    stop = StopFlag()
+    save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "step": step, "partial": partial_sums, "rng": rng_state(),
+        "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
+    }, run_dir / "checkpoint.pt")
+
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        sums = partial.to(ctx.device)  # [loss * n, correct, n] over this rank's images
+        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                   disable=(not ctx.is_main) or None, leave=False)
+        for step, (x, y) in enumerate(loader.batches(epoch, start_step), start=start_step):
+            with precision.autocast(prec, ctx.device):
+                logits = model(x)
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                     torch.tensor(float(len(y)), device=ctx.device, dtype=torch.float64)])
+            bar.update()
+            flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(loss))], device=ctx.device)
+            if ctx.distributed:
+                dist.all_reduce_sum(flags)
+            if flags[1] > 0:
+                raise UserError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint "
+                                f"({run_dir / 'checkpoint.pt'}) is kept")
+            if flags[0] > 0:
+                bar.close()
+                save(epoch, step + 1, dist.all_reduce_sum(sums).cpu())  # rank 0 carries the whole partial sum
+                dist.barrier()
+                say(f"stopped by signal at epoch {epoch + 1}, step {step + 1}; checkpoint saved. Resume with:\n"
+                    f"  {' '.join(['python', 'train.py'] + sys.argv[1:] + (['--resume'] if not args.resume else []))}")
+                return 128 + (stop.signum or signal.SIGTERM)
+        bar.close()
+        start_step, partial = 0, torch.zeros(3, dtype=torch.float64)
+        train_seconds = time.perf_counter() - t0
+
+        totals = dist.all_reduce_sum(sums).cpu()
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": float(totals[0] / totals[2]), "train_acc": 100 * float(totals[1] / totals[2])}
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            t1 = time.perf_counter()
+            for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+                if len(y_split):
+                    m = evaluation.evaluate(raw_model, x_split, y_split, splits.counts, ctx, prec, tc.channels_last, tc.eval_batch_size)
+                    record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
+            record["eval_seconds"] = time.perf_counter() - t1
+        record.update({"seconds": train_seconds, "img_per_s": float(totals[2]) / train_seconds})
+        if ctx.is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            shown = {k: v for k, v in record.items() if k not in ("epoch", "seconds", "eval_seconds")}
+            say(f"epoch {epoch + 1:3d}/{tc.epochs} " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
+        save(epoch + 1, 0, partial)
+        dist.barrier()
+    say(f"done: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
