@@ -229,6 +229,7 @@ def train(cfg, args, ctx):
         totals = dist.all_reduce_sum(sums).cpu()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": float(totals[0] / totals[2]), "train_acc": 100 * float(totals[1] / totals[2])}
+        dist.sync_buffers(raw_model)
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
             for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):

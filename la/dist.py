@@ -72,3 +72,14 @@ def check_same(value, what):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def sync_buffers(module):
+    """Give every rank rank 0's batch-norm statistics, the ones the checkpoint saves.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step of an
+    epoch each rank still holds the statistics of its own last shard.
+    """
+    if dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
