@@ -1,0 +1,147 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from la import UserError, data
+from conftest import SHARED_DATA
+
+
+def test_exponential_counts_match_the_literature():
+    c10 = data.class_counts(10, 5000, 100)
+    assert c10 == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(c10) == 12406
+    assert sum(data.class_counts(100, 500, 100)) == 10847
+    assert data.class_counts(10, 5000, 200)[-1] == 25
+
+
+def test_step_profile_and_balanced_rho():
+    assert data.class_counts(10, 5000, 10, "step") == [5000] * 5 + [500] * 5
+    assert data.class_counts(10, 5000, 1) == [5000] * 10
+    assert data.class_counts(100, 500, 1, "step") == [500] * 100
+
+
+def ldam_drw_indices(labels, img_num_per_cls, seed):
+    """kaidic/LDAM-DRW IMBALANCECIFAR.gen_imbalanced_data, as published (global numpy seed)."""
+    np.random.seed(seed)
+    targets_np = np.array(labels, dtype=np.int64)
+    classes = np.unique(targets_np)
+    picked = []
+    for the_class, the_img_num in zip(classes, img_num_per_cls):
+        idx = np.where(targets_np == the_class)[0]
+        np.random.shuffle(idx)
+        picked.append(idx[:the_img_num])
+    return np.concatenate(picked)
+
+
+def test_same_images_as_ldam_drw_and_global_seed_untouched():
+    labels = np.random.RandomState(7).permutation(np.repeat(np.arange(10), 500))
+    counts = data.class_counts(10, 500, 100)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    ours = data.longtail_indices(labels, counts, seed=0)
+    assert np.array_equal(np.random.get_state()[1], before), "the global numpy RNG must not be used"
+    assert np.array_equal(ours, ldam_drw_indices(labels, counts, 0))
+    assert not np.array_equal(ours, data.longtail_indices(labels, counts, seed=1))
+
+
+def test_validation_is_balanced_disjoint_and_recorded(fake_root):
+    cfg = data_cfg(fake_root, rho=10, val_per_class=3)
+    s = data.prepare(cfg)
+    # class 0 keeps all 60 images in the subset, so its 3 validation images leave training
+    assert s.manifest["subset_counts"][0] == 60 and s.manifest["class_counts"][0] == 57
+    assert s.manifest["moved_to_val"] == [3] + [0] * 9
+    assert np.bincount(s.val_y, minlength=10).tolist() == [3] * 10
+    assert np.bincount(s.train_y, minlength=10).tolist() == s.counts
+    x, y, _, _ = data.load_cifar(fake_root, "cifar10")
+    train_idx = data.longtail_indices(y, data.class_counts(10, 60, 10), 0)
+    kept, val = data.carve_validation(y, train_idx, 3, 0)
+    assert not set(kept) & set(val)
+    assert len(set(val)) == 30
+
+
+def test_validation_larger_than_the_pool_is_an_error():
+    labels = np.repeat(np.arange(4), 10)
+    train_idx = data.longtail_indices(labels, [10, 6, 4, 2], 0)
+    with pytest.raises(UserError, match="unused pool"):
+        data.carve_validation(labels, train_idx, 6, 0)  # class 0 would give 6 of its 10
+
+
+def data_cfg(root, **kw):
+    from la.config import Data
+
+    return Data(root=str(root), download=False, **kw)
+
+
+def test_cifar100_layout_loads(fake_root):
+    s = data.prepare(data_cfg(fake_root, dataset="cifar100", rho=10, val_per_class=1))
+    assert len(s.counts) == 100 and s.counts[0] == 11 and s.counts[-1] == 1
+
+
+def test_missing_data_names_the_path(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path.resolve())):
+        data.load_cifar(tmp_path, "cifar10", download=False)
+
+
+def test_corrupt_file_is_a_user_error(tmp_path, fake_root):
+    import shutil
+
+    shutil.copytree(fake_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupt CIFAR file .*data_batch_3"):
+        data.load_cifar(tmp_path, "cifar10")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
+def test_real_cifar10_lt_counts():
+    s = data.prepare(data_cfg(SHARED_DATA, val_per_class=0))
+    assert len(s.train_y) == 12406 and s.counts[-1] == 50 and len(s.test_y) == 10000
+
+
+def test_epoch_plan_shards_are_disjoint_and_cover():
+    plans = [data.epoch_plan(103, 16, 2, seed=0, epoch=3) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*plans)), "the plan must be a pure function of (seed, epoch)"
+    seen = torch.cat([data.shard(b, r, 2) for b in plans[0] for r in range(2)])
+    assert len(seen) == len(set(seen.tolist())) == 102  # 103 cut to a multiple of the world size
+    assert not torch.equal(plans[0][0], data.epoch_plan(103, 16, 2, seed=0, epoch=4)[0])
+
+
+def test_crop_flip_equals_torchvision_pad_crop_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    offsets = torch.tensor([[0, 0], [8, 8], [4, 4], [0, 8], [3, 5], [7, 1]])
+    flips = torch.tensor([False, True, False, True, True, False])
+    out = data.crop_flip(x, offsets, flips)
+    for i in range(6):
+        ref = TF.crop(TF.pad(x[i], [4]), int(offsets[i, 0]), int(offsets[i, 1]), 32, 32)
+        ref = TF.hflip(ref) if flips[i] else ref
+        assert torch.equal(out[i], ref)
+    assert torch.equal(out[2], x[2])
+
+
+def test_augmentation_distribution_matches_torchvision():
+    offsets, flips = data.augment_params(20000, seed=0, epoch=0)
+    assert offsets.min() == 0 and offsets.max() == 8
+    freq = torch.bincount(offsets.flatten(), minlength=9).float() / offsets.numel()
+    assert torch.allclose(freq, torch.full((9,), 1 / 9), atol=0.01)  # RandomCrop(32, 4): uniform on 0..8
+    assert abs(flips.float().mean().item() - 0.5) < 0.02
+
+
+def test_tensor_and_torchvision_loaders_agree_in_pixel_statistics(fake_root):
+    s = data.prepare(data_cfg(fake_root, rho=1, val_per_class=0))
+    kw = dict(batch_size=300, rank=0, world_size=1, seed=0, device=torch.device("cpu"), channels_last=False)
+    fast = torch.cat([x for x, _ in data.TensorLoader(s.train_x, s.train_y, **kw).batches(0)])
+    ref = torch.cat([x for x, _ in data.TorchvisionLoader(s.train_x, s.train_y, workers=0, **kw).batches(0)])
+    assert fast.shape == ref.shape
+    assert abs(fast.mean() - ref.mean()) < 0.02 and abs(fast.std() - ref.std()) < 0.02
+    # padding shows as exactly the normalised value of a black pixel, equally often on both paths
+    black = ((0 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)).view(1, 3, 1, 1)
+    pad_fast, pad_ref = [(torch.isclose(t, black, atol=1e-4).all(1)).float().mean() for t in (fast, ref)]
+    assert pad_fast > 0.02 and abs(pad_fast - pad_ref) < 0.01
+    # same plan of labels: both loaders see the images in the same order
+    y_fast = torch.cat([y for _, y in data.TensorLoader(s.train_x, s.train_y, **kw).batches(0)])
+    y_ref = torch.cat([y for _, y in data.TorchvisionLoader(s.train_x, s.train_y, workers=0, **kw).batches(0)])
+    assert torch.equal(y_fast, y_ref)

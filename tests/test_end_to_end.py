@@ -1,0 +1,93 @@
+"""train.py and eval.py as users run them, on tiny generated data."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run
+
+
+@pytest.fixture(scope="module")
+def two_runs(fake_root, tmp_path_factory):
+    """A CE run under torchrun with 2 processes (default run dir, runs/latest) and a 1-process LA run."""
+    cwd = tmp_path_factory.mktemp("work")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ce = run(torchrun + [REPO / "train.py", "--data-root", fake_root, "--epochs", "2", "--loss", "ce"] + TINY, cwd)
+    la = run([REPO / "train.py", "--data-root", fake_root, "--epochs", "2", "--loss", "la"] + TINY, cwd)
+    return cwd, ce, la
+
+
+def test_torchrun_training_writes_the_run_directory(two_runs):
+    cwd, ce, _ = two_runs
+    run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
+    assert "2 x cpu" in ce.stdout
+    assert ce.stdout.count("epoch ") >= 2, "only rank 0 prints, once per epoch"
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert {"lr", "train_loss", "test_top1", "test_balanced_acc", "val_top1", "seconds", "img_per_s"} <= set(lines[0])
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["class_counts"][0] == 58 and split["val_size"] == 20 and len(split["train_index_sha256"]) == 16
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["class_counts"] == split["class_counts"]
+    assert not any(k.startswith("module.") for k in ckpt["model"]), "the unwrapped module is saved"
+    # the latest link points at the newest run (the LA run came second)
+    assert os.readlink(cwd / "runs" / "latest") == "cifar10-lt_rho10_la_s0"
+
+
+def test_eval_defaults_to_latest_and_warns_on_double_counting(two_runs, fake_root):
+    cwd, _, _ = two_runs
+    out = run([REPO / "eval.py", "--posthoc", "--tau", "1", "--data-root", fake_root], cwd)
+    assert "cifar10-lt_rho10_la_s0" in out.stdout and "post-hoc tau=1" in out.stdout
+    assert "prior a second time" in out.stderr
+    report = json.loads((cwd / "runs" / "cifar10-lt_rho10_la_s0" / "eval.json").read_text())
+    assert report["test"]["posthoc"]["tau"] == 1.0 and len(report["test"]["raw"]["per_class"]) == 10
+
+
+def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
+    cwd, _, _ = two_runs
+    run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
+    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["test"]["raw"]["top1"] == pytest.approx(last["test_top1"])
+    assert report["val"]["raw"]["balanced_acc"] == pytest.approx(last["val_balanced_acc"])
+
+
+def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
+    cwd, _, _ = two_runs
+    run_dir = tmp_path / "copy"
+    shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_ce_s0", run_dir)
+    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    assert (run_dir / "logits.pt").is_file()
+    # cached: a second evaluation and a tau sweep need neither the model nor the data
+    sweep = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    assert "tau chosen on validation" in sweep.stdout and "ORACLE" in sweep.stdout
+    assert (run_dir / "tau_sweep.png").stat().st_size > 1000
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert set(report["tau_sweep"]) >= {"paper_default", "validation_chosen", "oracle_test_tuned"}
+    # a changed checkpoint invalidates the cache: now the data is needed again
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["model"]["fc.bias"] += 1.0
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    stale = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
+    assert stale.returncode != 0 and "not found" in stale.stderr
+    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    assert torch.load(run_dir / "logits.pt", weights_only=True)["splits"]["test"][0].shape == (100, 10)
+
+
+def test_per_class_chart_of_ce_and_la(two_runs, fake_root, tmp_path):
+    cwd, _, _ = two_runs
+    png = tmp_path / "per_class.png"
+    out = run([REPO / "eval.py", cwd / "runs" / "cifar10-lt_rho10_ce_s0", cwd / "runs" / "cifar10-lt_rho10_la_s0",
+               "--posthoc", "--plot", png, "--data-root", fake_root], cwd)
+    assert png.stat().st_size > 5000 and "per-class chart" in out.stdout
+
+
+def test_missing_data_is_one_line(tmp_path):
+    proc = run([REPO / "train.py", "--data-root", tmp_path / "empty", "--set", "data.download=false", "--out", tmp_path / "r"],
+               tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "cifar-10-batches-py" in proc.stderr and "Traceback" not in proc.stderr

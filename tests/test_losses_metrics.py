@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from la import losses, metrics, tausweep
+
+
+def test_log_prior_is_the_training_frequency():
+    lp = losses.log_prior([300, 100])
+    assert torch.allclose(lp, torch.tensor([math.log(0.75), math.log(0.25)]))
+
+
+def test_la_loss_with_tau_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    lp = losses.log_prior([50, 20, 10, 5, 1])
+    assert torch.allclose(losses.logit_adjusted_ce(logits, y, lp, 0.0), F.cross_entropy(logits, y))
+    assert torch.allclose(losses.build_loss("ce", [50, 20, 10, 5, 1], 1.0)(logits, y), F.cross_entropy(logits, y))
+
+
+def test_la_loss_is_cross_entropy_on_shifted_logits_by_hand():
+    # two classes, prior (0.8, 0.2), logits (0, 0), label 1, tau 1:
+    # shifted logits (log .8, log .2) -> loss = -log(.2 / (.8 + .2)) = -log .2
+    lp = losses.log_prior([8, 2])
+    loss = losses.logit_adjusted_ce(torch.zeros(1, 2), torch.tensor([1]), lp, 1.0)
+    assert loss.item() == pytest.approx(-math.log(0.2), rel=1e-6)
+    loss2 = losses.build_loss("la", [8, 2], 2.0)(torch.zeros(1, 2), torch.tensor([1]))
+    assert loss2.item() == pytest.approx(-math.log(0.04 / (0.64 + 0.04)), rel=1e-6)  # tau=2 squares the prior
+
+
+def test_posthoc_adjustment_flips_a_close_call_to_the_tail():
+    lp = losses.log_prior([90, 10])
+    logits = torch.tensor([[2.0, 0.5], [3.0, 0.0]])
+    adjusted = losses.posthoc_adjust(logits, lp, 1.0)  # subtract log .9 / log .1: +0.105 / +2.303
+    assert adjusted.argmax(1).tolist() == [1, 0]
+    assert losses.posthoc_adjust(logits, lp, 0.0).argmax(1).tolist() == [0, 0]
+
+
+def one_hot_logits(preds, n_classes, scale=10.0):
+    return F.one_hot(torch.tensor(preds), n_classes).float() * scale
+
+
+def test_balanced_accuracy_and_shot_groups_by_hand():
+    # 3 classes: 4 test images of class 0 (3 right), 2 of class 1 (1 right), 2 of class 2 (0 right)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    preds = [0, 0, 0, 1, 1, 0, 0, 1]
+    m = metrics.evaluate_logits(one_hot_logits(preds, 3), labels, train_counts=[500, 50, 5])
+    assert m["top1"] == pytest.approx(100 * 4 / 8)
+    assert m["balanced_acc"] == pytest.approx(100 * (0.75 + 0.5 + 0.0) / 3)
+    assert m["per_class"] == [75.0, 50.0, 0.0]
+    assert (m["many"], m["medium"], m["few"]) == (75.0, 50.0, 0.0)
+    m2 = metrics.evaluate_logits(one_hot_logits(preds, 3), labels, train_counts=[500, 400, 300])
+    assert m2["many"] == pytest.approx(100 * 1.25 / 3) and m2["medium"] is None and m2["few"] is None
+
+
+def test_nll_and_ece_by_hand():
+    # two images, both predicted class 0 with confidence p; one right, one wrong
+    p = 0.8
+    logits = torch.log(torch.tensor([[p, 1 - p], [p, 1 - p]]))
+    m = metrics.evaluate_logits(logits, torch.tensor([0, 1]), [10, 10])
+    assert m["nll"] == pytest.approx((-math.log(p) - math.log(1 - p)) / 2, rel=1e-5)
+    assert m["ece"] == pytest.approx(100 * abs(0.5 - p), rel=1e-5)  # one bin, accuracy .5, confidence .8
+    # confidences in different bins: |1 - .95| * 1/2 + |0 - .65| * 1/2
+    logits = torch.log(torch.tensor([[0.95, 0.05], [0.35, 0.65]]))
+    m = metrics.evaluate_logits(logits, torch.tensor([0, 0]), [10, 10])
+    assert m["ece"] == pytest.approx(100 * (0.05 + 0.65) / 2, rel=1e-4)
+
+
+def test_sums_add_up_across_shards():
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(101, 4, generator=g), torch.randint(0, 4, (101,), generator=g)
+    whole = metrics.accumulate(logits, y, 4)
+    parts = metrics.accumulate(logits[:50], y[:50], 4) + metrics.accumulate(logits[50:], y[50:], 4)
+    assert torch.allclose(whole, parts)
+
+
+def test_tau_chosen_on_validation_differs_from_the_test_oracle():
+    # Two classes, prior (0.9, 0.1): log-prior gap 2.197. Each image's logit margin (class 0 minus class 1)
+    # decides at which tau it flips to class 1: an image flips once tau * 2.197 exceeds its margin.
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+
+    def split(margins, labels):
+        logits = torch.stack([torch.tensor(margins), torch.zeros(len(margins))], 1)
+        return logits, torch.tensor(labels)
+
+    # validation: the class-1 image flips at tau 0.5, the class-0 image at tau 1.5 -> best tau in [0.5, 1.5)
+    val = split([0.5 * gap, 1.5 * gap], [1, 0])
+    # test: class-1 images flip at 0.5 and 2.5, class-0 image at 3.5 -> oracle tau in [2.5, 3.5)
+    test = split([0.5 * gap, 2.5 * gap, 3.5 * gap], [1, 1, 0])
+    taus = tausweep.parse_grid("0:4:0.25")
+    s = tausweep.sweep(val, test, lp, taus)
+    assert 0.5 < s["validation_chosen"]["tau"] < 1.5 and s["validation_chosen"]["tau"] == 1.0  # tie -> nearest 1
+    assert 2.5 < s["oracle_test_tuned"]["tau"] < 3.5
+    assert s["oracle_test_tuned"]["test_balanced_acc"] == 100.0
+    assert s["validation_chosen"]["test_balanced_acc"] == pytest.approx(75.0)
+
+
+def test_tau_grid_includes_its_end():
+    assert tausweep.parse_grid("0:3:0.05")[-1] == 3.0 and len(tausweep.parse_grid("0:3:0.05")) == 61
