@@ -1,0 +1,317 @@
+"""Training throughput, in images per second, of three pipelines on one machine in one run (issue 3).
+
+    python scripts/bench.py                                  # CUDA when available, CIFAR-10-LT rho=100
+    python scripts/bench.py --device cpu --compile --json results/bench_cpu.json
+
+(a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
+    2 DataLoader workers (la.data.TorchvisionLoader).
+(b) train:     train.py's inner loop at the recipe defaults: uint8 data on the device with batched tensor
+    augmentation (la.data.TensorLoader), precision 'auto', channels_last.
+(c) ceiling:   (b)'s model, precision and optimizer step on one fixed, pre-normalised batch: no data
+    pipeline, no bookkeeping. (b) cannot beat it, so (b)/(c) says how much the pipeline costs.
+
+Each figure is the median of timed windows after warm-up. Windows run on across epoch boundaries, so
+per-epoch costs (a new permutation, the reference's DataLoader worker start-up) land in the windows
+that meet them; the median then shows the steady state, and 'overall' (all windows' images / all
+windows' seconds) keeps those costs in.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
+
+from la import UserError, config, data, losses, models, precision  # noqa: E402
+
+DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-root", default=os.environ.get("LA_DATA_ROOT") or "./data")
+    p.add_argument("--synthetic", action="store_true", help="random uint8 images of CIFAR shape instead of CIFAR")
+    p.add_argument("--rho", type=float, default=100.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--window-steps", type=int, default=20)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--model", choices=tuple(models.MODELS), default="resnet32")
+    p.add_argument("--loss", choices=("ce", "la"), default="la")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="of (b) and (c); (a) is fp32")
+    p.add_argument("--compile", action="store_true", help="also measure (b) with torch.compile")
+    p.add_argument("--skip-reference", action="store_true", help="do not measure (a)")
+    p.add_argument("--json", help="default: results/bench_{device}.json")
+    args = p.parse_args(argv)
+    if min(args.windows, args.window_steps, args.batch_size) < 1 or args.warmup_steps < 0:
+        p.error("--windows, --window-steps and --batch-size must be >= 1, --warmup-steps >= 0")
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+def has_cifar(root, dataset):
+    folder, train_files, test_files = data.LAYOUT[dataset][:3]
+    return all((Path(root) / folder / n).is_file() for n in train_files + test_files)
+
+
+def synthetic_train_set(dc):
+    """Random images with the real subset's labels and size: the same split functions on CIFAR's label layout."""
+    n_classes = data.num_classes(dc.dataset)
+    labels = np.repeat(np.arange(n_classes), 50_000 // n_classes)  # CIFAR's training set is balanced
+    idx = data.longtail_indices(labels, data.class_counts(n_classes, 50_000 // n_classes, dc.rho, dc.profile), dc.subset_seed)
+    idx, _ = data.carve_validation(labels, idx, dc.val_per_class, dc.subset_seed)
+    x = np.random.RandomState(0).randint(0, 256, size=(len(idx), 3, 32, 32), dtype=np.uint8)
+    return x, labels[idx]
+
+
+def train_set(cfg, synthetic):
+    """(x, y, source): the long-tailed training subset exactly as train.py builds it, or a synthetic stand-in."""
+    if synthetic:
+        return (*synthetic_train_set(cfg.data), "synthetic (--synthetic)")
+    if not has_cifar(cfg.data.root, cfg.data.dataset):
+        print(f"note: no {cfg.data.dataset} under {Path(cfg.data.root).resolve()}; using synthetic images (pass --data-root)")
+        return (*synthetic_train_set(cfg.data), "synthetic (data missing)")
+    splits = data.prepare(cfg.data)
+    return splits.train_x, splits.train_y, f"{cfg.data.dataset} at {Path(cfg.data.root).resolve()}"
+
+
+def endless(loader):
+    """Batches across epoch boundaries, as train.py's epochs follow one another."""
+    for epoch in itertools.count():
+        yield from loader.batches(epoch)
+
+
+# ---------------------------------------------------------------- model and step
+
+def build_model(cfg, n_classes, device, channels_last):
+    torch.manual_seed(0)  # every figure starts from the same weights
+    model = models.build(cfg.model.name, n_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    return model.train(), optimizer
+
+
+def make_step(model, criterion, optimizer, prec, device, bookkeeping):
+    """train.py's per-step code. With bookkeeping also its LR scheduler step, metric sums and the
+    finite-loss flag it reads on the host every step (a device sync on CUDA: a real cost of the loop)."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # its cost, not train.py's schedule
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def step(x, y):
+        with precision.autocast(prec, device):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if bookkeeping:
+            scheduler.step()
+            with torch.no_grad():
+                sums.add_(torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                       torch.tensor(float(len(y)), device=device, dtype=torch.float64)]))
+            flags = torch.tensor([0.0, float(not torch.isfinite(loss))], device=device)
+            bool(flags[1] > 0)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, batches, args, device):
+    """Images per second of each timed window, after warm-up steps that are not timed."""
+    for _ in range(args.warmup_steps):
+        step(*next(batches))
+    rates, seconds, images = [], 0.0, 0
+    for _ in range(args.windows):
+        sync(device)
+        t0, n = time.perf_counter(), 0
+        for _ in range(args.window_steps):
+            x, y = next(batches)
+            step(x, y)
+            n += len(y)  # the last batch of an epoch is short
+        sync(device)
+        dt = time.perf_counter() - t0
+        rates.append(n / dt)
+        seconds, images = seconds + dt, images + n
+    return {"img_per_s": statistics.median(rates), "overall_img_per_s": images / seconds, "windows": rates}
+
+
+# ---------------------------------------------------------------- the three figures
+
+def bench_reference(ctx, args):
+    loader = data.TorchvisionLoader(ctx["x"], ctx["y"], args.batch_size, 0, 1, ctx["cfg"].train.seed, ctx["device"],
+                                    channels_last=False, augment=True, workers=2)
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=False)
+    batches = endless(loader)
+    try:
+        return measure(make_step(model, ctx["criterion"], optimizer, "fp32", ctx["device"], True), batches, args, ctx["device"])
+    finally:
+        batches.close()  # stop the DataLoader workers before they steal cores from the next figure
+
+
+def tensor_loader(ctx, args):
+    return data.TensorLoader(ctx["x"], ctx["y"], args.batch_size, 0, 1, ctx["cfg"].train.seed, ctx["device"],
+                             channels_last=True, augment=True)
+
+
+def bench_train(ctx, args, compile_model=False):
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True)
+    if compile_model:
+        model = torch.compile(model)  # compiles during warm-up; a short last batch may recompile once, inside a window
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True)
+    return measure(step, endless(tensor_loader(ctx, args)), args, ctx["device"])
+
+
+def bench_ceiling(ctx, args):
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True)
+    batch = next(tensor_loader(ctx, args).batches(0))  # already augmented, normalised, channels_last, on the device
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False)
+    return measure(step, itertools.repeat(batch), args, ctx["device"])
+
+
+def gflop_per_image(cfg, n_classes):
+    """Forward + backward FLOPs of one training image, counted (convolutions and matmuls) on a batch of 2."""
+    model = models.build(cfg.model.name, n_classes)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+# ---------------------------------------------------------------- report
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def git(*cmd):
+    """stdout of a git command in the repository, or None without git or a commit."""
+    try:
+        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit():
+    """(short commit, whether the tree had uncommitted changes): results are only comparable with their code."""
+    commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+    return commit or "unknown", None if status is None else bool(status)
+
+
+def machine(device):
+    commit, dirty = git_commit()
+    return {
+        "platform": platform.platform(), "processor": platform.processor(), "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
+    }
+
+
+def derive(figures, gflop, n_train, epochs):
+    ratio = lambda a, b: figures[a]["img_per_s"] / figures[b]["img_per_s"] if a in figures and b in figures else None
+    ratios = {"train_over_reference": ratio("train", "reference"), "train_over_ceiling": ratio("train", "ceiling"),
+              "compiled_over_train": ratio("train_compiled", "train"),
+              "compiled_over_reference": ratio("train_compiled", "reference")}
+    estimates = {}
+    for name, fig in figures.items():
+        if name != "ceiling":
+            per_epoch = n_train / fig["img_per_s"]
+            estimates[name] = {"seconds_per_epoch": per_epoch, "run_hours": per_epoch * epochs / 3600}
+    return {k: v for k, v in ratios.items() if v is not None}, figures["train"]["img_per_s"] * gflop, estimates
+
+
+LABELS = {"reference": "(a) reference", "train": "(b) train.py loop", "train_compiled": "(b) compiled", "ceiling": "(c) bare step"}
+
+
+def print_report(res):
+    m, r = res["machine"], res
+    print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {m['git_commit']}")
+    print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}, loss {r['loss']}, batch {r['batch_size']}")
+    print(f"\n{'':20s} {'precision':>9s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
+    for name, fig in r["figures"].items():
+        print(f"{LABELS[name]:20s} {fig['precision']:>9s} {fig['img_per_s']:9.1f} {fig['overall_img_per_s']:9.1f} "
+              f"{min(fig['windows']):9.1f} {max(fig['windows']):9.1f}")
+    print(f"(median of {r['windows']} windows x {r['window_steps']} steps after {r['warmup_steps']} warm-up steps)\n")
+    for k, v in r["ratios"].items():
+        print(f"{k:24s} {v:6.2f}x")
+    print(f"(b) reaches {r['gflop_per_s']:.1f} GFLOP/s at {r['gflop_per_image']:.3f} GFLOP per image ({r['gflop_source']})")
+    for name, e in r["estimates"].items():
+        print(f"{LABELS[name]:20s} {e['seconds_per_epoch']:7.1f} s/epoch, {r['epochs']} epochs: {e['run_hours']:.2f} h "
+              f"(training only)")
+
+
+def main(argv):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available")
+    cfg = config.build(overrides=[("data.root", args.data_root), ("data.download", "false"), ("data.rho", str(args.rho)),
+                                  ("model.name", args.model), ("loss.name", args.loss),
+                                  ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision)])
+    x, y, source = train_set(cfg, args.synthetic)
+    n_classes = data.num_classes(cfg.data.dataset)
+    ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes,
+           "prec": precision.resolve(cfg.train.precision, device),
+           "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau)}
+
+    plan = [("reference", "fp32", lambda: bench_reference(ctx, args)),
+            ("train", ctx["prec"], lambda: bench_train(ctx, args)),
+            ("train_compiled", ctx["prec"], lambda: bench_train(ctx, args, compile_model=True)),
+            ("ceiling", ctx["prec"], lambda: bench_ceiling(ctx, args))]
+    skip = {"reference": args.skip_reference, "train_compiled": not args.compile}
+    plan = [p for p in plan if not skip.get(p[0])]
+    figures = {}
+    for name, prec, run in plan:
+        print(f"measuring {LABELS[name]} ({prec}) ...", flush=True)
+        figures[name] = {"precision": prec, **run()}
+
+    gflop = gflop_per_image(cfg, n_classes)
+    ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs)
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
+        "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
+        "train_images": len(y), "model": cfg.model.name, "loss": cfg.loss.name, "precision": ctx["prec"],
+        "batch_size": args.batch_size, "windows": args.windows, "window_steps": args.window_steps,
+        "warmup_steps": args.warmup_steps, "figures": figures, "ratios": ratios,
+        "gflop_per_image": gflop, "gflop_source": "counted: FlopCounterMode, forward + backward",
+        "design_gflop_per_image": DESIGN_GFLOP_RESNET32 if cfg.model.name == "resnet32" else None,
+        "gflop_per_s": gflops, "epochs": cfg.train.epochs, "estimates": estimates,
+    }
+    print_report(result)
+    out = Path(args.json or f"results/bench_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
