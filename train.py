@@ -185,6 +185,7 @@ def train(cfg, args, ctx):
         f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
     stop = StopFlag()
+    check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags
     save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "step": step, "partial": partial_sums, "rng": rng_state(),
@@ -195,6 +196,8 @@ def train(cfg, args, ctx):
         model.train()
         t0 = time.perf_counter()
         sums = partial.to(ctx.device)  # [loss * n, correct, n] over this rank's images
+        one = torch.ones((), dtype=torch.float64, device=ctx.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=(not ctx.is_main) or None, leave=False)
         for step, (x, y) in enumerate(loader.batches(epoch, start_step), start=start_step):
@@ -206,14 +209,17 @@ def train(cfg, args, ctx):
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(len(y)), device=ctx.device, dtype=torch.float64)])
+                sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), one * len(y)])
+                nonfinite |= ~torch.isfinite(loss)
             bar.update()
-            flags = torch.tensor([float(stop.signum is not None), float(not torch.isfinite(loss))], device=ctx.device)
+            if (step + 1) % check_every and step + 1 < steps_per_epoch:
+                continue  # reading device values stalls a GPU's queue, so only every check_every steps there
+            flags = torch.stack([one * (stop.signum is not None), nonfinite.double()])
             if ctx.distributed:
                 dist.all_reduce_sum(flags)
             if flags[1] > 0:
-                raise UserError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; the last good checkpoint "
+                at = f"step {step + 1}" if check_every == 1 else f"steps {step + 2 - check_every}-{step + 1}"
+                raise UserError(f"non-finite loss at epoch {epoch + 1}, {at}; the last good checkpoint "
                                 f"({run_dir / 'checkpoint.pt'}) is kept")
             if flags[0] > 0:
                 bar.close()

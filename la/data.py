@@ -245,14 +245,14 @@ class TensorLoader:
 
     def batches(self, epoch, start_step=0):
         plan = epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch)
-        offsets, flips = augment_params(len(self.y), self.seed, epoch)
         device = self.x.device
+        offsets, flips = (t.to(device) for t in augment_params(len(self.y), self.seed, epoch))
         for batch in plan[start_step:]:
-            idx = shard(batch, self.rank, self.world_size)
-            x = self.x[idx.to(device)]
+            idx = shard(batch, self.rank, self.world_size).to(device, non_blocking=True)
+            x = self.x[idx]
             if self.augment:
-                x = crop_flip(x, offsets[idx].to(device), flips[idx].to(device))
-            yield self.normalize(x), self.y[idx.to(device)]
+                x = crop_flip(x, offsets[idx], flips[idx])
+            yield self.normalize(x), self.y[idx]
 
 
 class _PlanSampler(torch.utils.data.Sampler):
