@@ -42,6 +42,8 @@ def resolve(path):
     """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "checkpoint.pt").is_file():
+            raise UserError(f"{path} holds no checkpoint.pt (has its first epoch finished?)")
         return path.resolve(), path.resolve() / "checkpoint.pt"
     if path.is_file():
         return path.resolve().parent, path.resolve()

@@ -46,18 +46,16 @@ def lr_factor(step, steps_per_epoch, optim):
     return optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
-def prepare_run_dir(run_dir, resume, overwrite, is_main):
+def prepare_run_dir(run_dir, resume, overwrite):
+    """Refuse to start over an existing run by accident; return the files --overwrite will replace."""
     if resume:
         if not (run_dir / "checkpoint.pt").is_file():
             raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
-        return
+        return []
     taken = [f for f in RUN_FILES if (run_dir / f).exists()]
     if taken and not overwrite:
         raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue it or --overwrite to replace it")
-    if is_main:
-        for f in taken:
-            (run_dir / f).unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
+    return taken
 
 
 def check_resumable(cfg, saved):
@@ -100,6 +98,15 @@ class StopFlag:
         self.signum = signum
 
 
+def launcher():
+    """How this process was started, for the resume hint: the same world size gives the same run."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        return ["python"]
+    nodes = [f"--nnodes={world // local}", "<your rendezvous flags>"] if world > local else []
+    return ["torchrun"] + nodes + [f"--nproc_per_node={local}"]
+
+
 def update_latest(run_dir):
     link = run_dir.parent / "latest"
     tmp = run_dir.parent / ".latest.tmp"
@@ -112,6 +119,9 @@ def update_latest(run_dir):
 def main(argv):
     args = parse_args(argv)
     cfg = config.from_args(args)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.train.batch_size % world_size:  # before the rendezvous: a job that cannot start should not wait for peers
+        raise UserError(f"global batch {cfg.train.batch_size} is not divisible by world size {world_size}")
     ctx = dist.setup(args.device)
     try:
         return train(cfg, args, ctx)
@@ -122,15 +132,13 @@ def main(argv):
 def train(cfg, args, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     tc = cfg.train
-    if tc.batch_size % ctx.world_size:
-        raise UserError(f"global batch {tc.batch_size} is not divisible by world size {ctx.world_size}")
     run_dir = Path(tc.out) if tc.out else config.default_run_dir(cfg)
-    prepare_run_dir(run_dir, args.resume, args.overwrite, ctx.is_main)
+    replaced = prepare_run_dir(run_dir, args.resume, args.overwrite)
     dist.barrier()
 
     # ---- data: every rank builds the same subset; the hashes prove it
     splits = data.prepare(cfg.data)
-    dist.check_same(json.dumps(splits.manifest, sort_keys=True), "split manifest")
+    dist.check_same(splits.manifest, "split manifest")
     prec = precision.resolve(tc.precision, ctx.device)
     loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
     steps_per_epoch = loader.steps(0)
@@ -167,7 +175,12 @@ def train(cfg, args, ctx):
             kept = [l for l in lines if json.loads(l)["epoch"] <= start_epoch]
             (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
         say(f"resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}")
-    if ctx.is_main:
+    if ctx.is_main:  # only now that everything is set up: a start that fails leaves the old run whole
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in replaced:
+            (run_dir / f).unlink()
+        for tmp in run_dir.glob(".checkpoint.pt.*.tmp"):  # left by a save that was killed
+            tmp.unlink()
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
         (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
         update_latest(run_dir)
@@ -226,7 +239,7 @@ def train(cfg, args, ctx):
                 save(epoch, step + 1, dist.all_reduce_sum(sums).cpu())  # rank 0 carries the whole partial sum
                 dist.barrier()
                 say(f"stopped by signal at epoch {epoch + 1}, step {step + 1}; checkpoint saved. Resume with:\n"
-                    f"  {' '.join(['python', 'train.py'] + sys.argv[1:] + (['--resume'] if not args.resume else []))}")
+                    f"  {' '.join(launcher() + ['train.py'] + sys.argv[1:] + (['--resume'] if not args.resume else []))}")
                 return 128 + (stop.signum or signal.SIGTERM)
         bar.close()
         start_step, partial = 0, torch.zeros(3, dtype=torch.float64)
@@ -260,6 +273,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: a problem may be one node's alone
+            rank = os.environ.get("RANK", "0")
+            print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr)
         sys.exit(2)

@@ -104,6 +104,11 @@ def _coerce(key, value, default):
         except yaml.YAMLError:
             raise UserError(f"{key}: cannot parse {value!r}")
     kind = type(default)
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e30 and 5e-4 (no dot) as strings
+        except ValueError:
+            pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):

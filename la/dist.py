@@ -60,13 +60,19 @@ def any_rank(flag, device):
 
 
 def check_same(value, what):
-    """Fail on every rank if a string (e.g. a data hash) differs between ranks."""
+    """Fail on every rank if a value (e.g. the split manifest and its hashes) differs between ranks."""
     if not dist.is_initialized():
         return
     values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    if len(set(values)) != 1:
-        raise UserError(f"{what} differs between ranks: {values}")
+    try:
+        dist.all_gather_object(values, value)
+    except RuntimeError:  # a peer exited (its own error is in its log) before the comparison
+        raise UserError(f"cannot compare the {what} with the other ranks: one of them failed during start-up; see its log")
+    if any(v != values[0] for v in values):
+        if all(isinstance(v, dict) for v in values):  # name only the fields that differ
+            keys = sorted({k for v in values for k in v if any(w.get(k) != v.get(k) for w in values)})
+            values = [{k: v.get(k) for k in keys} for v in values]
+        raise UserError(f"{what} differs between ranks: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
 
 def barrier():

@@ -1,0 +1,529 @@
+"""Reliability: exact resume, pre-emption, atomic checkpoints, exact distributed evaluation, multi-node, bad input.
+
+Every run here is tiny (generated CIFAR, batch 32, 1-3 epochs, one thread per process).
+"""
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, run, write_fake_cifar
+from la import config, data, dist, evaluation, models
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def env(**extra):
+    """The environment conftest.run gives a command, for processes the tests signal themselves."""
+    e = {k: v for k, v in os.environ.items() if k != "LA_DATA_ROOT"}
+    e.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, **extra)
+    return e
+
+
+def train_args(data_root, out, *extra):
+    return ["train.py", *TINY, "--data-root", data_root, "--out", out, *extra]
+
+
+def popen(args, **extra_env):
+    """Start a command as conftest.run would (python for a .py), for a test that signals it."""
+    cmd = ([sys.executable] if str(args[0]).endswith(".py") else []) + [str(a) for a in args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes it on to its workers
+        try:
+            out, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} timed out\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
+def metric_lines(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_until(proc, predicate, what, timeout=120):
+    """Poll until predicate() holds; fail (with the output) if proc exits first."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > end:
+            rc, out, err = finish(proc, 5)
+            raise AssertionError(f"{what} never happened (exit {rc})\nstdout:\n{out}\nstderr:\n{err}")
+        time.sleep(0.005)
+
+
+def untimed(lines):
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS} for l in lines]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"weights differ: {k}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]), f"momentum differs: {k}"
+    assert a["scheduler"] == b["scheduler"]
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def evaluate_checkpoint(ckpt_path, data_root, ctx=dist.Context(0, 0, 1, torch.device("cpu"))):
+    """la.evaluation.evaluate on val and test; by default in one process, the ground truth for distributed runs."""
+    ckpt = load(ckpt_path)
+    cfg = config.from_dict(ckpt["config"])
+    cfg.data.root = str(data_root)
+    splits = data.prepare(cfg.data)
+    model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
+    model.load_state_dict(ckpt["model"])
+    model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    return {name: evaluation.evaluate(model, x, y, splits.counts, ctx, "fp32", cfg.train.channels_last, 64)
+            for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y))}
+
+
+@pytest.fixture(scope="module")
+def odd_root(tmp_path_factory):
+    """The fake CIFAR-10 with 101 test images: a padded shard (a duplicate) would change every metric."""
+    root = write_fake_cifar(tmp_path_factory.mktemp("cifar101"), "cifar10", per_class=60, test_per_class=10)
+    path = root / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    d["data"], d["labels"] = np.concatenate([d["data"], d["data"][:1]]), d["labels"] + d["labels"][:1]
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(fake_root, tmp_path_factory):
+    """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(train_args(fake_root, out, "--epochs", "3"), cwd=REPO)
+    return out
+
+
+# ---------------------------------------------------------------- 1, 3, 4: exact resume through every kind of stop
+
+def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fake_root, tmp_path):
+    out = tmp_path / "run"
+    ckpt_path = out / "checkpoint.pt"
+
+    # A: stop cleanly after epoch 1 (the schedule does not depend on train.epochs, so this is an epoch-end stop)
+    run(train_args(fake_root, out, "--epochs", "1"), cwd=REPO)
+    assert (load(ckpt_path)["epoch"], load(ckpt_path)["step"]) == (1, 0)
+
+    # B: resume; SIGTERM once epoch 2 is written, so the stop lands inside epoch 3
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"))
+    wait_until(proc, lambda: len(metric_lines(out)) == 2, "epoch 2's metrics line")
+    proc.send_signal(signal.SIGTERM)
+    rc, stdout, stderr = finish(proc)
+    assert rc == 128 + signal.SIGTERM, f"exit {rc}\n{stdout}\n{stderr}"
+    assert "resuming" in stdout and "stopped by signal at epoch 3" in stdout and "Resume with:" in stdout
+    assert "--resume" in stdout.split("Resume with:")[1]
+    ckpt = load(ckpt_path)
+    stopped_at = (ckpt["epoch"], ckpt["step"])
+    assert stopped_at[0] == 2 and stopped_at[1] >= 1, "the signal should have stopped training mid-epoch"
+    assert float(ckpt["partial"][2]) == 32 * ckpt["step"]  # the epoch's running sums travel with the checkpoint
+    assert len(metric_lines(out)) == 2
+
+    # C: resume; SIGKILL the moment epoch 3's line appears, i.e. while the final checkpoint is being written
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"))
+    wait_until(proc, lambda: len(metric_lines(out)) == 3, "epoch 3's metrics line")
+    proc.kill()
+    finish(proc)
+    ckpt = load(ckpt_path)  # whatever moment the kill hit, the checkpoint loads
+    assert (ckpt["epoch"], ckpt["step"]) in (stopped_at, (3, 0))
+
+    # D: resume to the end
+    run(train_args(fake_root, out, "--epochs", "3", "--resume"), cwd=REPO)
+    assert_same_state(load(ckpt_path), load(reference / "checkpoint.pt"))
+    assert untimed(metric_lines(out)) == untimed(metric_lines(reference))
+    assert not list(out.glob(".checkpoint.pt.*")), "a killed save's temporary file was left behind"
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(fake_root, tmp_path):
+    out = tmp_path / "run"
+    # lr x 1e30 from epoch 2 on: epoch 1 trains normally, epoch 2 blows up within a few steps
+    proc = run(train_args(fake_root, out, "--epochs", "2", "--set", "optim.warmup_epochs=0",
+                         "--set", "optim.milestones=[1]", "--set", "optim.gamma=1e30"), cwd=REPO, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss at epoch 2, step "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = load(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert len(metric_lines(out)) == 1
+
+
+# ---------------------------------------------------------------- 3: atomic checkpoints under SIGKILL
+
+KILL_LOOP = r"""
+import json, os, random, signal, sys, time
+import torch
+from la.checkpoint import save_atomic
+
+path, kills = sys.argv[1], int(sys.argv[2])
+save_atomic({"version": 0, "w": torch.zeros(600_000)}, path)  # 2.4 MB
+rng, seen = random.Random(0), []
+for k in range(kills):
+    pid = os.fork()
+    if pid == 0:  # the child saves new versions as fast as it can until it is killed
+        v = (k + 1) * 1_000_000
+        while True:
+            v += 1
+            save_atomic({"version": v, "w": torch.full((600_000,), float(v))}, path)
+    time.sleep(rng.uniform(0.0, 0.15))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    try:
+        ckpt = torch.load(path, weights_only=True)
+        version, intact = ckpt["version"], bool((ckpt["w"] == float(ckpt["version"])).all())
+    except Exception as e:
+        version, intact = repr(e), False
+    leftovers = [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")]
+    seen.append({"version": version, "intact": intact, "leftovers": len(leftovers)})
+    for n in leftovers:
+        os.unlink(os.path.join(os.path.dirname(path), n))
+print(json.dumps(seen))
+"""
+
+
+def test_save_atomic_survives_sigkill_at_random_moments(tmp_path):
+    script = tmp_path / "kill_loop.py"
+    script.write_text(KILL_LOOP)
+    proc = run([script, tmp_path / "ckpt.pt", 20], cwd=tmp_path, timeout=120)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(seen) == 20
+    assert all(s["intact"] for s in seen), seen
+    versions = [s["version"] for s in seen]
+    assert versions == sorted(versions), "a kill must never bring back an older checkpoint"
+    assert sum(s["leftovers"] for s in seen) >= 5, f"too few kills landed mid-save to prove anything: {seen}"
+
+
+# ---------------------------------------------------------------- 4, 5: torchrun pre-emption and exact distributed evaluation
+
+def worker_pids(agent_pid):
+    """{rank: pid} of the workers torchrun started."""
+    kids = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    ranks = {}
+    for pid in kids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0])] = int(pid)
+    return ranks
+
+
+def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = lambda *extra: [TORCHRUN, "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                          *train_args(odd_root, out, "--epochs", "2", *extra)]
+    proc = popen(cmd())
+    wait_until(proc, lambda: len(metric_lines(out)) == 1, "epoch 1's metrics line")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # only rank 1 is told: rank 0 must stop with it
+    rc, stdout, stderr = finish(proc)
+    assert rc != 0
+    assert stdout.count("stopped by signal at epoch 2") == 1 and "Resume with:" in stdout, stdout + stderr
+    assert "torchrun --nproc_per_node=2" in stdout.split("Resume with:")[1]
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] >= 1
+    assert float(ckpt["partial"][2]) == 32 * ckpt["step"], "rank 0 must carry both ranks' running sums"
+
+    rc, stdout, stderr = finish(popen(cmd("--resume")))
+    assert rc == 0, stdout + stderr
+    final = json.loads(metric_lines(out)[-1])
+    assert final["epoch"] == 2 and len(metric_lines(out)) == 2
+    # Two ranks, 101 test images: equal to one process exactly, so no image was dropped or counted twice.
+    truth = evaluate_checkpoint(out / "checkpoint.pt", odd_root)
+    for split in ("val", "test"):
+        for key in ("top1", "balanced_acc"):
+            assert final[f"{split}_{key}"] == truth[split][key], (split, key)
+
+    # The same checkpoint through la.evaluation on two ranks: every per-class figure equal, too.
+    helper = tmp_path / "dist_eval.py"
+    helper.write_text(DIST_EVAL)
+    run([TORCHRUN, "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", helper,
+         out / "checkpoint.pt", odd_root, tmp_path / "dist_eval.json"], cwd=REPO)
+    two = json.loads((tmp_path / "dist_eval.json").read_text())
+    for split in ("val", "test"):
+        for key in ("top1", "balanced_acc", "per_class", "many", "medium", "few"):
+            assert two[split][key] == truth[split][key], (split, key)
+        assert two[split]["nll"] == pytest.approx(truth[split]["nll"], rel=1e-6)  # sums of floats: order may differ
+        assert two[split]["ece"] == pytest.approx(truth[split]["ece"], rel=1e-6, abs=1e-9)
+
+
+DIST_EVAL = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from la import dist
+from test_reliability import evaluate_checkpoint
+
+ctx = dist.setup("cpu")
+metrics = evaluate_checkpoint(sys.argv[1], sys.argv[2], ctx)
+if ctx.is_main:
+    json.dump(metrics, open(sys.argv[3], "w"))
+dist.teardown()
+"""
+
+
+# ---------------------------------------------------------------- 5, 6: multi-node on loopback; identical data on every rank
+
+def two_nodes(args, port, node_env=({}, {})):
+    procs = [popen([TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node-rank={k}", "--master-addr=127.0.0.1",
+                    f"--master-port={port}", *args], **node_env[k]) for k in (0, 1)]
+    return [finish(p, timeout=150) for p in procs]
+
+
+def test_two_nodes_on_loopback_train_and_evaluate_exactly(odd_root, tmp_path):
+    out = tmp_path / "run"
+    results = two_nodes(train_args(odd_root, out, "--epochs", "1"), free_port())
+    for k, (rc, stdout, stderr) in enumerate(results):
+        assert rc == 0, f"node {k}\n{stdout}\n{stderr}"
+    assert "2 x cpu" in results[0][1]
+    (line,) = metric_lines(out)
+    final = json.loads(line)
+    assert "test_top1" in final and "val_top1" in final
+    run(["eval.py", out, "--data-root", odd_root], cwd=REPO)  # one process
+    report = json.loads((out / "eval.json").read_text())
+    for split in ("val", "test"):
+        for key in ("top1", "balanced_acc"):
+            assert final[f"{split}_{key}"] == report[split]["raw"][key], (split, key)
+
+
+@pytest.mark.parametrize("node1_data", ["different", "missing"])
+def test_a_node_with_other_or_no_data_fails_loudly_at_startup(fake_root, tmp_path, node1_data):
+    if node1_data == "different":  # same shapes and class counts, other images: only the hashes tell
+        node1_root = write_fake_cifar(tmp_path / "other", "cifar10", per_class=60, test_per_class=10, seed=1)
+    else:
+        node1_root = tmp_path / "empty"
+        node1_root.mkdir()
+    out = tmp_path / "run"
+    args = train_args(fake_root, out, "--epochs", "1")
+    args = args[:args.index("--data-root")] + args[args.index("--data-root") + 2:]  # each node its own LA_DATA_ROOT
+    (rc0, _, err0), (rc1, _, err1) = two_nodes(args, free_port(), ({"LA_DATA_ROOT": str(fake_root)},
+                                                                    {"LA_DATA_ROOT": str(node1_root)}))
+    assert rc0 != 0 and rc1 != 0
+    errors0 = [l for l in err0.splitlines() if l.startswith("error: ")]
+    errors1 = [l for l in err1.splitlines() if l.startswith("error: ")]
+    if node1_data == "different":
+        assert len(errors0) == 1 and errors0[0].startswith("error: split manifest differs between ranks: rank 0: {"), err0
+        assert "train_index_sha256" in errors0[0] and "test_size" not in errors0[0], errors0[0]
+    else:  # node 1 says what is wrong; node 0 says where to look, not a gloo traceback
+        assert errors1 == [errors1[0]] and errors1[0].startswith("error: rank 1: cifar10 not found"), err1
+        assert len(errors0) == 1 and "one of them failed during start-up" in errors0[0], err0
+        assert "[rank0]: Traceback" not in err0
+    assert not (out / "checkpoint.pt").exists() and not metric_lines(out)
+
+
+# ---------------------------------------------------------------- 2, 8: bad input, table-driven
+
+DRIVER = r"""
+# Runs many `python SCRIPT ARGV` invocations in one interpreter (torch imported once), as `python` would:
+# exit status from SystemExit, anything else uncaught printed as a traceback with status 1.
+import contextlib, io, json, os, runpy, sys, traceback
+cases_path, results_path = sys.argv[1:3]
+cases, results = json.load(open(cases_path)), {}
+for case in cases:
+    saved = dict(os.environ)
+    os.environ.update(case["env"])
+    os.chdir(case["cwd"])
+    sys.argv = [case["script"]] + case["argv"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(case["script"], run_name="__main__")
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    os.environ.clear()
+    os.environ.update(saved)
+    results[case["id"]] = {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+json.dump(results, open(results_path, "w"))
+"""
+
+
+def then(_, *argv):
+    """For a table entry: do the damage (the first argument), then pass argv."""
+    return list(argv)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path):
+    path.write_bytes(bytes(random.Random(1).randrange(256) for _ in range(4096)))
+
+
+def _bad_yaml(d, text):
+    (d.case / "recipe.yaml").write_text(text)
+    return ["--config", d.case / "recipe.yaml", "--overwrite"]
+
+
+def _data_copy(d, damage):
+    root = d.case / "data"
+    shutil.copytree(d.data / "cifar-10-batches-py", root / "cifar-10-batches-py")
+    damage(root / "cifar-10-batches-py")
+    return ["--data-root", root, "--overwrite"]
+
+
+def _doctored_checkpoint(d, edit):
+    ckpt = load(d.run / "checkpoint.pt")
+    edit(ckpt)
+    torch.save(ckpt, d.run / "checkpoint.pt")
+    return [d.run]
+
+
+def _other_dataset(ckpt):
+    ckpt["config"]["data"]["dataset"] = "cifar100"  # 10-class weights under a 100-class name
+    del ckpt["split_manifest"]
+
+
+# (id, script, setup(d) -> extra argv, expected error). train.py cases get TINY, --data-root and --out d.run
+# (a finished run) first; later flags win. --overwrite makes the error under test, not the refusal, fire.
+CASES = [
+    ("unknown-flag", "train", lambda d: ["--frobnicate", "3"], "unrecognized arguments: --frobnicate"),
+    ("unknown-key", "train", lambda d: ["--set", "train.frobnicate=1", "--overwrite"], "unknown config key 'train.frobnicate'"),
+    ("unknown-key-in-recipe", "train", lambda d: _bad_yaml(d, "train:\n  frobnicate: 1\n"), "unknown config key"),
+    ("recipe-not-yaml", "train", lambda d: _bad_yaml(d, "train: [unclosed\n"), "not valid YAML"),
+    ("missing-recipe", "train", lambda d: ["--config", d.case / "nope.yaml"], "config file not found"),
+    ("set-without-value", "train", lambda d: ["--set", "train.epochs"], "--set expects key=value"),
+    ("wrong-type-set", "train", lambda d: ["--set", "train.epochs=ten", "--overwrite"], "train.epochs: expected int"),
+    ("wrong-type-flag", "train", lambda d: ["--rho", "abc", "--overwrite"], "data.rho: expected float"),
+    ("wrong-type-in-recipe", "train", lambda d: _bad_yaml(d, "train:\n  batch_size: 12.5\n"), "train.batch_size: expected int"),
+    ("rho-below-1", "train", lambda d: ["--rho", "0.5", "--overwrite"], "data.rho must be >= 1"),
+    ("zero-epochs", "train", lambda d: ["--epochs", "0", "--overwrite"], "train.epochs must be >= 1"),
+    ("unknown-dataset", "train", lambda d: ["--dataset", "cifar1000", "--overwrite"], "data.dataset: 'cifar1000' is not one of"),
+    ("unknown-model", "train", lambda d: ["--set", "model.name=vgg16", "--overwrite"], "model.name: 'vgg16' is not one of"),
+    ("unknown-loss", "train", lambda d: ["--loss", "focal", "--overwrite"], "loss.name: 'focal' is not one of"),
+    ("data-missing-download-off", "train", lambda d: ["--data-root", d.case / "empty", "--set", "data.download=false", "--overwrite"],
+     "cifar10 not found"),
+    ("data-missing-no-network", "train", lambda d: ["--data-root", d.case / "empty", "--set", "data.download=true", "--overwrite"],
+     "download failed"),
+    ("data-truncated", "train", lambda d: _data_copy(d, lambda b: _truncate(b / "data_batch_3")), "corrupt CIFAR file"),
+    ("data-corrupt", "train", lambda d: _data_copy(d, lambda b: _garble(b / "test_batch")), "corrupt CIFAR file"),
+    ("data-wrong-shape", "train", lambda d: _data_copy(d, lambda b: (b / "data_batch_1").write_bytes(
+        pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}))), "corrupt CIFAR file"),
+    ("existing-run", "train", lambda d: [], "already holds a run"),
+    ("resume-without-checkpoint", "train", lambda d: ["--out", d.case / "fresh", "--resume"], "no checkpoint"),
+    ("resume-truncated-checkpoint", "train", lambda d: then(_truncate(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
+    ("resume-corrupt-checkpoint", "train", lambda d: then(_garble(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
+    ("resume-foreign-checkpoint", "train", lambda d: then(torch.save({"weights": 1}, d.run / "checkpoint.pt"), "--resume"), "lacks"),
+    ("resume-other-dataset", "train", lambda d: ["--dataset", "cifar100", "--resume"], "data.dataset='cifar10'"),
+    ("resume-other-recipe", "train", lambda d: ["--loss", "la", "--resume"], "loss.name='ce'"),
+    ("batch-not-divisible", "train", lambda d: ["--set", "train.batch_size=33", "--overwrite"], "global batch 33 is not divisible by world size 2"),
+    ("val-larger-than-pool", "train", lambda d: ["--set", "data.val_per_class=1000", "--overwrite"], "val_per_class=1000 is larger than"),
+    ("eval-no-run", "eval", lambda d: [d.case / "nowhere"], "no run at"),
+    ("eval-run-without-checkpoint", "eval", lambda d: then((d.run / "checkpoint.pt").unlink(), d.run), "holds no checkpoint.pt"),
+    ("eval-truncated-checkpoint", "eval", lambda d: then(_truncate(d.run / "checkpoint.pt"), d.run), "truncated or corrupt"),
+    ("eval-corrupt-checkpoint", "eval", lambda d: then(_garble(d.run / "checkpoint.pt"), d.run), "truncated or corrupt"),
+    ("eval-foreign-checkpoint", "eval", lambda d: _doctored_checkpoint(d, lambda c: c.pop("model")), "lacks model"),
+    ("eval-class-count-mismatch", "eval", lambda d: _doctored_checkpoint(d, _other_dataset), "does not fit a resnet32"),
+    ("eval-other-data", "eval", lambda d: [d.run, "--data-root", d.odd], "does not give the split"),
+    ("eval-data-missing", "eval", lambda d: [d.run, "--data-root", d.case / "empty"], "cifar10 not found"),
+    ("eval-negative-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1"], "--tau -1 is negative"),
+    ("eval-unknown-flag", "eval", lambda d: [d.run, "--frobnicate"], "unrecognized arguments"),
+]
+CASE_ENV = {
+    # no network: every HTTP(S) request goes to a closed local port
+    "data-missing-no-network": {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+                                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": ""},
+    # what torchrun would set for a 2-process job; the check must fire before any rendezvous
+    "batch-not-divisible": {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+}
+
+
+class Dirs:
+    def __init__(self, case, run, data, odd):
+        self.case, self.run, self.data, self.odd = case, run, data, odd
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(root).rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(reference, fake_root, odd_root, tmp_path_factory):
+    """Set every case up, run them all in one interpreter, return {id: (result, snapshot before, after)}."""
+    base = tmp_path_factory.mktemp("bad_input")
+    specs, before = [], {}
+    for case_id, script, setup, _ in CASES + [("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1",
+                                                                                                  "--allow-negative-tau"], "")]:
+        d = Dirs(base / case_id, base / case_id / "run", fake_root, odd_root)
+        shutil.copytree(reference, d.run)
+        (d.case / "empty").mkdir()
+        extra = [str(a) for a in setup(d)]
+        argv = ([*TINY, "--data-root", str(fake_root), "--out", str(d.run), "--epochs", "1"] if script == "train" else []) + extra
+        specs.append({"id": case_id, "script": str(REPO / f"{script}.py"), "argv": argv, "cwd": str(d.case),
+                      "env": CASE_ENV.get(case_id, {})})
+        before[case_id] = snapshot(d.case)
+    (base / "cases.json").write_text(json.dumps(specs))
+    driver = base / "driver.py"
+    driver.write_text(DRIVER)
+    run([driver, base / "cases.json", base / "results.json"], cwd=base, timeout=240)
+    results = json.loads((base / "results.json").read_text())
+    return {i: (results[i], before[i], snapshot(base / i)) for i in results}
+
+
+@pytest.mark.parametrize("case_id,expected", [(c[0], c[3]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_touches_nothing(bad_input_results, case_id, expected):
+    result, before, after = bad_input_results[case_id]
+    stderr = result["stderr"]
+    assert result["rc"] != 0, f"exit 0\nstdout:\n{result['stdout']}\nstderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert expected in lines[0], lines[0]
+    assert before == after, "files changed or appeared: " + ", ".join(
+        sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)))
+
+
+def test_negative_tau_is_allowed_with_its_flag(bad_input_results):
+    result, _, _ = bad_input_results["eval-negative-tau-allowed"]
+    assert result["rc"] == 0, result["stderr"]
+    assert "post-hoc tau=-1" in result["stdout"]
+
+
+def test_floats_without_a_dot_are_floats_not_type_errors():
+    # YAML 1.1 reads 5e-4 as a string; a recipe or --set value written that way is still a number
+    cfg = config.build(overrides=[("optim.weight_decay", "5e-4"), ("optim.gamma", "1e30"), ("loss.tau", "1")])
+    assert (cfg.optim.weight_decay, cfg.optim.gamma, cfg.loss.tau) == (5e-4, 1e30, 1.0)
