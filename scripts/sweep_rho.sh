@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Sweep the imbalance ratio: train CE and LA at each rho and seed, evaluate (CE raw and post-hoc tau=1, LA raw),
+# and tabulate beside the published numbers in $RESULTS/{dataset}_rho_sweep.{md,csv,png}.
+#
+#   bash scripts/sweep_rho.sh                                         # CIFAR-10-LT, rho 200 100 50 10, seed 0
+#   DATASET=cifar100 SEEDS="0 1 2" NPROC=2 bash scripts/sweep_rho.sh
+#   EPOCHS=20 EXTRA="--set train.eval_every=5" bash scripts/sweep_rho.sh   # shortened (and labelled so)
+#
+# Re-running after an interruption continues where it stopped: finished runs are skipped, started ones resumed.
+# Every knob is an environment variable; EXTRA is split on spaces, so its values cannot contain spaces.
+set -euo pipefail
+
+DATASET=${DATASET:-cifar10}
+RHOS=${RHOS:-"200 100 50 10"}
+EPOCHS=${EPOCHS:-}          # empty: the recipe's
+NPROC=${NPROC:-1}           # processes (GPUs) per run; >1 launches through torchrun
+SEEDS=${SEEDS:-0}
+DATA_ROOT=${DATA_ROOT:-}    # empty: $LA_DATA_ROOT, else the recipe's data.root
+CONFIG=${CONFIG:-}          # empty: configs/paper_$DATASET.yaml when it exists, else train.py's default
+OUT=${OUT:-runs/sweep_${DATASET}}
+RESULTS=${RESULTS:-results}
+PYTHON=${PYTHON:-python}
+EXTRA=${EXTRA:-}            # more train.py flags, e.g. "--set train.eval_every=10"
+
+# Paths the user gives stay relative to where they run this; only our own files are found through REPO.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z $CONFIG && -f $REPO/configs/paper_${DATASET}.yaml ]]; then
+    CONFIG=$REPO/configs/paper_${DATASET}.yaml
+fi
+# What the table's header calls the recipe: EXTRA may change what is learned, so it is named too.
+RECIPE="${CONFIG:-the default recipe of train.py}"
+RECIPE="${RECIPE#"$REPO"/}${EXTRA:+ with $EXTRA}"
+
+# Flags shared by every training run; the per-run ones (--rho, --loss, --seed, --out) are added later.
+read -r -a extra <<< "$EXTRA"
+common=(--dataset "$DATASET")
+[[ -n $CONFIG ]] && common+=(--config "$CONFIG")
+[[ -n $EPOCHS ]] && common+=(--epochs "$EPOCHS")
+[[ -n $DATA_ROOT ]] && common+=(--data-root "$DATA_ROOT")
+common+=("${extra[@]}")
+eval_flags=()
+[[ -n $DATA_ROOT ]] && eval_flags+=(--data-root "$DATA_ROOT")
+
+# The epoch count that makes a run finished, resolved the way train.py resolves it (recipe, --epochs, --set),
+# so "finished" cannot disagree with what train.py would do.
+target_epochs() {
+    "$PYTHON" - "${common[@]}" <<'EOF'
+import sys
+from la import UserError, config
+parser = config.Parser()
+config.add_recipe_flags(parser)
+try:
+    print(config.from_args(parser.parse_known_args(sys.argv[1:])[0]).train.epochs)
+except UserError as e:
+    sys.exit(f"error: {e}")
+EOF
+}
+
+last_epoch() {  # the epoch on the last line of a metrics.jsonl, 0 when there is none
+    "$PYTHON" -c 'import json, sys; lines = open(sys.argv[1]).read().splitlines(); print(json.loads(lines[-1])["epoch"] if lines else 0)' "$1"
+}
+
+# none: no directory; empty: a directory without a checkpoint (killed before the first save); partial: a checkpoint
+# short of the target; done: the target reached; over: more epochs than asked (a different sweep: never mix them).
+# train.py writes metrics.jsonl before the checkpoint, so a metrics file newer than the checkpoint means a kill
+# between the two: resuming redoes that epoch.
+run_state() {
+    local dir=$1 last=0
+    [[ -d $dir ]] || { echo none; return; }
+    [[ -f $dir/checkpoint.pt ]] || { echo empty; return; }
+    [[ -f $dir/metrics.jsonl ]] && last=$(last_epoch "$dir/metrics.jsonl")
+    if (( last > TARGET )); then echo over
+    elif (( last == TARGET )) && [[ ! $dir/metrics.jsonl -nt $dir/checkpoint.pt ]]; then echo done
+    else echo partial
+    fi
+}
+
+launch() {
+    if (( NPROC > 1 )); then
+        # torchrun's own module, so the launcher and the workers use $PYTHON's torch
+        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"
+    else
+        "$PYTHON" "$@"
+    fi
+}
+
+train() {  # loss rho seed
+    local dir=$OUT/rho${2}_${1}_s${3} resume=() state
+    state=$(run_state "$dir")  # assigned apart from `local` so that a failure stops the script
+    case $state in
+        done) echo "== $dir: finished, skipped"; return ;;
+        over) echo "error: $dir trained more than the $TARGET epochs asked; use another OUT" >&2; exit 1 ;;
+        partial) resume=(--resume) ;;
+        empty) resume=(--overwrite) ;;  # only a config/split from a start that never saved: nothing to keep
+    esac
+    echo "== $dir: training${resume:+ (${resume[*]})}"
+    launch "$REPO/train.py" "${common[@]}" --rho "$2" --loss "$1" --seed "$3" --out "$dir" "${resume[@]}"
+}
+
+evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, so this is cheap
+    local dir=$OUT/rho${2}_${1}_s${3} posthoc=()
+    [[ $1 == ce ]] && posthoc=(--posthoc --tau 1)  # post-hoc adjustment only of the plain-CE model
+    echo "== $dir: evaluating (full report in $dir/eval.log)"
+    "$PYTHON" "$REPO/eval.py" "$dir" "${posthoc[@]}" "${eval_flags[@]}" > "$dir/eval.log"
+}
+
+TARGET=$(target_epochs)
+echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $TARGET epochs, $RECIPE, $NPROC process(es) per run, into $OUT"
+for rho in $RHOS; do
+    for seed in $SEEDS; do
+        for loss in ce la; do
+            train "$loss" "$rho" "$seed"
+            evaluate "$loss" "$rho" "$seed"
+        done
+    done
+done
+
+"$PYTHON" "$REPO/scripts/sweep_table.py" --dataset "$DATASET" --runs "$OUT" --rhos "$RHOS" --seeds "$SEEDS" \
+    --out "$RESULTS" --config "$RECIPE"

@@ -1,0 +1,190 @@
+"""Tabulate a rho sweep: our top-1 (mean ± std over seeds) beside the published numbers, as markdown, CSV and a plot.
+
+    python scripts/sweep_table.py --dataset cifar10 --runs runs/sweep_cifar10 --rhos "200 100 50 10" --seeds "0 1 2"
+
+Reads RUNS/rho{rho}_{ce,la}_s{seed}/eval.json as written by
+`eval.py CE_RUN --posthoc --tau 1` and `eval.py LA_RUN`; writes OUT/{dataset}_rho_sweep.{md,csv,png}.
+"""
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # la.plots, whichever directory this is run from
+from la import plots  # noqa: E402
+
+# (row, the run's loss, the eval.json section holding its result)
+METHODS = (("Baseline", "ce", "raw"), ("Post-hoc adjustment", "ce", "posthoc"), ("Loss adjustment", "la", "raw"))
+
+# Seed table (ResNet-34 CIFAR variant, mmpretrain recipe, 200 epochs), top-1 % at rho = 200, 100, 50, 10.
+SEED_RHOS = (200.0, 100.0, 50.0, 10.0)
+SEED_TABLE = {
+    "cifar10": {"Baseline": (73.08, 77.54, 81.84, 89.39), "Post-hoc adjustment": (76.59, 80.67, 83.98, 90.01),
+                "Loss adjustment": (76.19, 80.26, 83.41, 90.93)},
+    "cifar100": {"Baseline": (41.22, 45.98, 51.87, 64.75), "Post-hoc adjustment": (44.64, 49.92, 54.91, 65.99),
+                 "Loss adjustment": (44.14, 48.53, 54.35, 65.75)},
+}
+# Menon et al. (2020) Table 3 (ResNet-32, 200 epochs, mean of 5 runs): rho = 100 only.
+PAPER_RHO = 100.0
+PAPER_TABLE = {
+    "cifar10": {"Baseline": 72.84, "Post-hoc adjustment": 77.40, "Loss adjustment": 77.67},
+    "cifar100": {"Baseline": 38.36, "Post-hoc adjustment": 41.76, "Loss adjustment": 43.89},
+}
+MISSING = "—"
+NAMES = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=sorted(SEED_TABLE), required=True)
+    p.add_argument("--runs", type=Path, required=True, help="the sweep's run directory (sweep_rho.sh's OUT)")
+    p.add_argument("--rhos", required=True, help='space-separated, in column order, spelled as in the run names: "200 100 50 10"')
+    p.add_argument("--seeds", default="0", help='space-separated: "0 1 2"')
+    p.add_argument("--config", default="train.py's default recipe", help="the recipe the runs used, for the header")
+    p.add_argument("--out", type=Path, default=Path("results"), help="directory for the .md, .csv and .png")
+    args = p.parse_args(argv)
+    args.rhos, args.seeds = args.rhos.split(), args.seeds.split()
+    for rho in args.rhos:
+        float(rho)  # a typo fails here, not as an empty column
+    return args
+
+
+def published(dataset, method, rho):
+    """(seed table, paper) top-1 for this cell; None where that source has no number."""
+    rho = float(rho)
+    seed = SEED_TABLE[dataset][method][SEED_RHOS.index(rho)] if rho in SEED_RHOS else None
+    paper = PAPER_TABLE[dataset][method] if rho == PAPER_RHO else None
+    return seed, paper
+
+
+def read_top1(run_dir, loss, section):
+    """One run's test top-1 for one method, or None if the run is missing, unevaluated or evaluated otherwise."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    result = report.get("test", {}).get(section)
+    if report.get("loss") != loss or result is None:
+        return None
+    if section == "posthoc" and result.get("tau") != 1.0:  # the published post-hoc numbers are tau = 1
+        print(f"warning: {path} has post-hoc tau={result.get('tau')}, not 1: left out", file=sys.stderr)
+        return None
+    return float(result["top1"])
+
+
+def collect(runs, rhos, seeds):
+    """{method: {rho: [top-1 of each seed that finished]}}."""
+    cells = {}
+    for method, loss, section in METHODS:
+        cells[method] = {}
+        for rho in rhos:
+            found = (read_top1(runs / f"rho{rho}_{loss}_s{seed}", loss, section) for seed in seeds)
+            cells[method][rho] = [v for v in found if v is not None]
+    return cells
+
+
+def summarize(values):
+    """(mean, sample std or None, n); mean is None when no seed finished."""
+    if not values:
+        return None, None, 0
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), std, len(values)
+
+
+def cell_text(values, n_asked, seed_pub, paper_pub):
+    mean, std, n = summarize(values)
+    ours = MISSING if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+    notes = [f"n={n}/{n_asked}"] if 0 < n < n_asked else []
+    notes += [f"{label} {v:.2f}" for label, v in (("seed", seed_pub), ("paper", paper_pub)) if v is not None]
+    return ours + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def trained_epochs(runs, rhos, seeds):
+    """The epochs the runs actually reached (last line of each metrics.jsonl), as text for the header."""
+    epochs = set()
+    for rho in rhos:
+        for seed in seeds:
+            for loss in ("ce", "la"):
+                metrics = runs / f"rho{rho}_{loss}_s{seed}" / "metrics.jsonl"
+                lines = metrics.read_text().splitlines() if metrics.is_file() else []
+                if lines:
+                    epochs.add(json.loads(lines[-1])["epoch"])
+    if not epochs:
+        return "unknown"
+    return str(epochs.pop()) if len(epochs) == 1 else f"{min(epochs)} to {max(epochs)} (the runs differ!)"
+
+
+def commit():
+    """Short hash of HEAD, '+dirty' with uncommitted changes to tracked files; 'no commit' outside git history."""
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return "no commit"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def markdown(args, cells, epochs):
+    lines = [
+        f"# {NAMES[args.dataset]}: test top-1 (%) against the imbalance ratio rho",
+        "",
+        f"Ours: {args.config}, epochs {epochs}, seeds {' '.join(args.seeds)} "
+        f"(mean ± sample std; n=k/N where only k of N seeds finished), commit {commit()}. "
+        f"Published numbers in parentheses come from other recipes (seed = ResNet-34, mmpretrain recipe, 200 epochs; "
+        f"paper = Menon et al. Table 3, ResNet-32, 200 epochs, rho=100 only), so shortened runs are not expected to match. "
+        f"{MISSING} = no finished run.",
+        "",
+        "| method | " + " | ".join(f"ρ={rho}" for rho in args.rhos) + " |",
+        "|---" * (len(args.rhos) + 1) + "|",
+    ]
+    for method, _, _ in METHODS:
+        row = [cell_text(cells[method][rho], len(args.seeds), *published(args.dataset, method, rho)) for rho in args.rhos]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path, args, cells):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "rho", "mean", "std", "n", "seed_published", "paper_published"])
+        blank = lambda v: "" if v is None else round(v, 4)  # missing stays empty, never 0
+        for method, _, _ in METHODS:
+            for rho in args.rhos:
+                mean, std, n = summarize(cells[method][rho])
+                w.writerow([method, rho, blank(mean), blank(std), n, *map(blank, published(args.dataset, method, rho))])
+
+
+def plot(path, args, cells, epochs):
+    """Missing cells are NaN, a gap in the line; a single seed has no error bar."""
+    table = {}
+    for method, _, _ in METHODS:
+        table[method] = {}
+        for rho in args.rhos:
+            mean, std, _ = summarize(cells[method][rho])
+            x = int(float(rho)) if float(rho).is_integer() else float(rho)
+            table[method][x] = (math.nan, math.nan) if mean is None else (mean, std or 0.0)
+    plots.rho_curve(table, path, f"{NAMES[args.dataset]}, epochs {epochs}, seeds {' '.join(args.seeds)}")
+
+
+def main(argv):
+    args = parse_args(argv)
+    cells = collect(args.runs, args.rhos, args.seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{args.dataset}_rho_sweep"
+    epochs = trained_epochs(args.runs, args.rhos, args.seeds)
+    text = markdown(args, cells, epochs)
+    Path(f"{stem}.md").write_text(text)
+    write_csv(f"{stem}.csv", args, cells)
+    plot(f"{stem}.png", args, cells, epochs)
+    print(text + f"\nwritten: {stem}.md, {stem}.csv, {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,74 @@
+"""scripts/sweep_table.py's arithmetic on hand-written results, and scripts/sweep_rho.sh end to end on tiny data."""
+import csv
+import importlib.util
+import json
+import sys
+
+from conftest import REPO, run
+
+spec = importlib.util.spec_from_file_location("sweep_table", REPO / "scripts" / "sweep_table.py")
+sweep_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep_table)
+
+
+def write_eval(runs, name, loss, raw, posthoc=None):
+    test = {"raw": {"top1": raw, "balanced_acc": raw}}
+    if posthoc is not None:
+        test["posthoc"] = {"tau": 1.0, "top1": posthoc, "balanced_acc": posthoc}
+    (runs / name).mkdir(parents=True)
+    (runs / name / "eval.json").write_text(json.dumps({"loss": loss, "test": test}))
+
+
+def table(tmp_path, seeds):
+    """Run the aggregator over rho 100 (two seeds evaluated) and rho 10 (nothing); return (markdown rows, csv rows)."""
+    out = tmp_path / f"results_{len(seeds.split())}"
+    sweep_table.main(["--dataset", "cifar10", "--runs", str(tmp_path / "runs"), "--rhos", "100 10",
+                      "--seeds", seeds, "--out", str(out)])
+    md = (out / "cifar10_rho_sweep.md").read_text()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    rows = {r[0]: r[1:] for r in cells}
+    with open(out / "cifar10_rho_sweep.csv") as f:
+        return rows, {(r["method"], r["rho"]): r for r in csv.DictReader(f)}
+
+
+def test_table_mean_std_and_missing(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (ce, posthoc, la) in enumerate([(70.0, 74.0, 76.0), (71.0, 75.5, 77.0)]):
+        write_eval(runs, f"rho100_ce_s{seed}", "ce", ce, posthoc)
+        write_eval(runs, f"rho100_la_s{seed}", "la", la)
+
+    rows, cells = table(tmp_path, "0 1")
+    assert rows["Baseline"][0] == "70.50 ± 0.71 (seed 77.54; paper 72.84)"  # std with ddof=1: sqrt(0.5)
+    assert rows["Post-hoc adjustment"][0] == "74.75 ± 1.06 (seed 80.67; paper 77.40)"
+    assert rows["Loss adjustment"][0] == "76.50 ± 0.71 (seed 80.26; paper 77.67)"
+    assert rows["Baseline"][1] == "— (seed 89.39)"  # rho=10 never ran: missing, not 0
+    assert float(cells["Post-hoc adjustment", "100"]["mean"]) == 74.75
+    assert float(cells["Post-hoc adjustment", "100"]["std"]) == round(2 ** -0.5 * 1.5, 4)
+    assert cells["Loss adjustment", "100"]["n"] == "2"
+    assert cells["Loss adjustment", "100"]["paper_published"] == "77.67"
+    assert cells["Baseline", "10"] == {"method": "Baseline", "rho": "10", "mean": "", "std": "", "n": "0",
+                                       "seed_published": "89.39", "paper_published": ""}
+
+    rows, cells = table(tmp_path, "0 1 2")  # a third seed asked for but not finished: say so
+    assert rows["Baseline"][0] == "70.50 ± 0.71 (n=2/3; seed 77.54; paper 72.84)"
+    assert cells["Baseline", "100"]["n"] == "2"
+
+
+def test_sweep_script_end_to_end(tmp_path, fake_root):
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"),
+           "EXTRA": "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 --set train.precision=fp32"}
+    proc = run(["bash", "scripts/sweep_rho.sh"], cwd=REPO, env=env, timeout=120)
+    results = tmp_path / "results"
+    for suffix in ("md", "csv", "png"):
+        assert (results / f"cifar10_rho_sweep.{suffix}").is_file()
+    md = (results / "cifar10_rho_sweep.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0] for r in rows] == ["| Baseline", "| Post-hoc adjustment", "| Loss adjustment"]
+    assert "—" not in "".join(rows)  # every run finished and was evaluated
+    assert "epochs 1" in md and "Baseline" in proc.stdout
+    with open(results / "cifar10_rho_sweep.csv") as f:
+        assert [r["n"] for r in csv.DictReader(f)] == ["1", "1", "1"]
+
+    again = run(["bash", "scripts/sweep_rho.sh"], cwd=REPO, env=env, timeout=120)  # finished runs are not retrained
+    assert again.stdout.count("finished, skipped") == 2 and "training" not in again.stdout
