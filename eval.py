@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from la import UserError, checkpoint, config, data, dist, evaluation, losses, metrics, models, precision, tausweep
+from la import UserError, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
 
 ROWS = (("top1", "top-1"), ("balanced_acc", "balanced acc"), ("many", "many-shot (>100)"),
         ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"), ("nll", "NLL"), ("ece", "ECE (15 bins)"))
@@ -59,7 +59,7 @@ def load_logits(run_dir, ckpt_path, args, ctx):
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
             if cached.get("checkpoint_sha256") == sha:
-                return cached["splits"], cached["class_counts"], cached["config"]
+                return cached["splits"], cached["class_counts"], cached["config"], sha
         except Exception:
             pass  # unreadable cache: recompute it
     ckpt = checkpoint.load(ckpt_path)
@@ -83,11 +83,11 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):
-            logits = evaluation.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
+            logits = engine.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
             out[name] = (logits, torch.as_tensor(y))
     entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"]}
     checkpoint.save_atomic(entry, cache)
-    return out, ckpt["class_counts"], ckpt["config"]
+    return out, ckpt["class_counts"], ckpt["config"], sha
 
 
 def fmt(v):
@@ -109,13 +109,14 @@ def print_table(title, columns, counts):
 
 def evaluate_run(path, args, ctx):
     run_dir, ckpt_path = resolve(path)
-    splits, counts, cfg_dict = load_logits(run_dir, ckpt_path, args, ctx)
+    splits, counts, cfg_dict, sha = load_logits(run_dir, ckpt_path, args, ctx)
     loss_name, train_tau = cfg_dict["loss"]["name"], cfg_dict["loss"]["tau"]
     log_pi = losses.log_prior(counts)
     if args.posthoc and loss_name == "la":
         print(f"warning: {run_dir.name} was trained with the logit-adjusted loss (tau={train_tau:g}); "
               f"post-hoc adjustment subtracts the prior a second time", file=sys.stderr)
-    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "loss": loss_name, "class_counts": counts}
+    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "loss": loss_name,
+              "class_counts": counts}
     for split, (logits, labels) in splits.items():
         columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
         if args.posthoc:
@@ -137,8 +138,24 @@ def evaluate_run(path, args, ctx):
 
         plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name})")
         print(f"plot: {png}")
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_report(run_dir / "eval.json", report)
     return report
+
+
+def save_report(path, report):
+    """Add to an earlier report of the same checkpoint (a plain evaluation keeps an earlier tau sweep)."""
+    merged = report
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("checkpoint_sha256") == report["checkpoint_sha256"]:
+            merged = {**old, **report}
+            for split in ("val", "test"):
+                if split in old and split in report:
+                    merged[split] = {**old[split], **report[split]}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
 
 
 def main(argv):

@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, checkpoint, config, data, dist, evaluation, losses, models, precision
+from la import UserError, checkpoint, config, data, dist, engine, losses, models, precision
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -108,12 +108,15 @@ def launcher():
 
 
 def update_latest(run_dir):
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / ".latest.tmp"
+    """Point runs/latest (under the working directory, where eval.py looks) at this run."""
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    target = os.path.relpath(run_dir.resolve(), runs.resolve())
+    tmp = runs / ".latest.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)
+    tmp.symlink_to(target if not target.startswith("..") else run_dir.resolve())
+    os.replace(tmp, runs / "latest")
 
 
 def main(argv):
@@ -169,6 +172,8 @@ def train(cfg, args, ctx):
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step"]
+        if start_epoch > tc.epochs or (start_epoch == tc.epochs and start_step):
+            raise UserError(f"{run_dir} has trained {start_epoch} epochs, more than the {tc.epochs} asked for")
         partial = ckpt["partial"] if ctx.is_main else partial
         if ctx.is_main:  # drop metric lines written after the checkpoint (a kill between the two writes)
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
@@ -209,17 +214,14 @@ def train(cfg, args, ctx):
         model.train()
         t0 = time.perf_counter()
         sums = partial.to(ctx.device)  # [loss * n, correct, n] over this rank's images
+        resumed_images = float(partial[2])  # trained before an interruption: not part of this process's speed
         one = torch.ones((), dtype=torch.float64, device=ctx.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=(not ctx.is_main) or None, leave=False)
         for step, (x, y) in enumerate(loader.batches(epoch, start_step), start=start_step):
-            with precision.autocast(prec, ctx.device):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = engine.train_step(model, criterion, optimizer, x, y, prec, ctx.device)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             with torch.no_grad():
                 sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), one * len(y)])
@@ -246,17 +248,17 @@ def train(cfg, args, ctx):
         train_seconds = time.perf_counter() - t0
 
         totals = dist.all_reduce_sum(sums).cpu()
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        record = {"epoch": epoch + 1, "lr": lr,
                   "train_loss": float(totals[0] / totals[2]), "train_acc": 100 * float(totals[1] / totals[2])}
         dist.sync_buffers(raw_model)
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
             for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
                 if len(y_split):
-                    m = evaluation.evaluate(raw_model, x_split, y_split, splits.counts, ctx, prec, tc.channels_last, tc.eval_batch_size)
+                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, prec, tc.channels_last, tc.eval_batch_size)
                     record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
             record["eval_seconds"] = time.perf_counter() - t1
-        record.update({"seconds": train_seconds, "img_per_s": float(totals[2]) / train_seconds})
+        record.update({"seconds": train_seconds, "img_per_s": (float(totals[2]) - resumed_images) / train_seconds})
         if ctx.is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

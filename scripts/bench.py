@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
 
-from la import UserError, config, data, losses, models, precision  # noqa: E402
+from la import UserError, config, data, engine, losses, models, precision  # noqa: E402
 
 DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
 
@@ -108,25 +108,27 @@ def build_model(cfg, n_classes, device, channels_last):
 
 
 def make_step(model, criterion, optimizer, prec, device, bookkeeping):
-    """train.py's per-step code. With bookkeeping also its LR scheduler step, metric sums and the
-    finite-loss flag it reads on the host every step (a device sync on CUDA: a real cost of the loop)."""
+    """train.py's step (la.engine.train_step). With bookkeeping also what train.py does around it: the LR
+    scheduler step, the metric sums, and reading the stop / non-finite flags (every step on CPU, every
+    32nd on CUDA, where reading a device value stalls the queue)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # its cost, not train.py's schedule
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    one = torch.ones((), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" else 32
+    count = itertools.count(1)
 
     def step(x, y):
-        with precision.autocast(prec, device):
-            logits = model(x)
-        loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        nonlocal nonfinite
+        loss, logits = engine.train_step(model, criterion, optimizer, x, y, prec, device)
         if bookkeeping:
+            optimizer.param_groups[0]["lr"]
             scheduler.step()
             with torch.no_grad():
-                sums.add_(torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                       torch.tensor(float(len(y)), device=device, dtype=torch.float64)]))
-            flags = torch.tensor([0.0, float(not torch.isfinite(loss))], device=device)
-            bool(flags[1] > 0)
+                sums.add_(torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), one * len(y)]))
+                nonfinite |= ~torch.isfinite(loss)
+            if next(count) % check_every == 0:
+                bool(torch.stack([one * 0, nonfinite.double()]).sum() > 0)
     return step
 
 

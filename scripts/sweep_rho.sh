@@ -42,40 +42,6 @@ common+=("${extra[@]}")
 eval_flags=()
 [[ -n $DATA_ROOT ]] && eval_flags+=(--data-root "$DATA_ROOT")
 
-# The epoch count that makes a run finished, resolved the way train.py resolves it (recipe, --epochs, --set),
-# so "finished" cannot disagree with what train.py would do.
-target_epochs() {
-    "$PYTHON" - "${common[@]}" <<'EOF'
-import sys
-from la import UserError, config
-parser = config.Parser()
-config.add_recipe_flags(parser)
-try:
-    print(config.from_args(parser.parse_known_args(sys.argv[1:])[0]).train.epochs)
-except UserError as e:
-    sys.exit(f"error: {e}")
-EOF
-}
-
-last_epoch() {  # the epoch on the last line of a metrics.jsonl, 0 when there is none
-    "$PYTHON" -c 'import json, sys; lines = open(sys.argv[1]).read().splitlines(); print(json.loads(lines[-1])["epoch"] if lines else 0)' "$1"
-}
-
-# none: no directory; empty: a directory without a checkpoint (killed before the first save); partial: a checkpoint
-# short of the target; done: the target reached; over: more epochs than asked (a different sweep: never mix them).
-# train.py writes metrics.jsonl before the checkpoint, so a metrics file newer than the checkpoint means a kill
-# between the two: resuming redoes that epoch.
-run_state() {
-    local dir=$1 last=0
-    [[ -d $dir ]] || { echo none; return; }
-    [[ -f $dir/checkpoint.pt ]] || { echo empty; return; }
-    [[ -f $dir/metrics.jsonl ]] && last=$(last_epoch "$dir/metrics.jsonl")
-    if (( last > TARGET )); then echo over
-    elif (( last == TARGET )) && [[ ! $dir/metrics.jsonl -nt $dir/checkpoint.pt ]]; then echo done
-    else echo partial
-    fi
-}
-
 launch() {
     if (( NPROC > 1 )); then
         # torchrun's own module, so the launcher and the workers use $PYTHON's torch
@@ -86,14 +52,10 @@ launch() {
 }
 
 train() {  # loss rho seed
-    local dir=$OUT/rho${2}_${1}_s${3} resume=() state
-    state=$(run_state "$dir")  # assigned apart from `local` so that a failure stops the script
-    case $state in
-        done) echo "== $dir: finished, skipped"; return ;;
-        over) echo "error: $dir trained more than the $TARGET epochs asked; use another OUT" >&2; exit 1 ;;
-        partial) resume=(--resume) ;;
-        empty) resume=(--overwrite) ;;  # only a config/split from a start that never saved: nothing to keep
-    esac
+    local dir=$OUT/rho${2}_${1}_s${3} resume=()
+    # train.py --resume finishes a started run, does nothing for a finished one and refuses one that trained
+    # more epochs than asked; a directory without a checkpoint holds nothing to keep.
+    if [[ -f $dir/checkpoint.pt ]]; then resume=(--resume); elif [[ -d $dir ]]; then resume=(--overwrite); fi
     echo "== $dir: training${resume:+ (${resume[*]})}"
     launch "$REPO/train.py" "${common[@]}" --rho "$2" --loss "$1" --seed "$3" --out "$dir" "${resume[@]}"
 }
@@ -105,8 +67,7 @@ evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, s
     "$PYTHON" "$REPO/eval.py" "$dir" "${posthoc[@]}" "${eval_flags[@]}" > "$dir/eval.log"
 }
 
-TARGET=$(target_epochs)
-echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $TARGET epochs, $RECIPE, $NPROC process(es) per run, into $OUT"
+echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, ${EPOCHS:-the recipe\'s} epochs, $RECIPE, $NPROC process(es) per run, into $OUT"
 for rho in $RHOS; do
     for seed in $SEEDS; do
         for loss in ce la; do

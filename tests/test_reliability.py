@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run, write_fake_cifar
-from la import config, data, dist, evaluation, models
+from la import config, data, dist, engine, models
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -101,7 +101,7 @@ def free_port():
 
 
 def evaluate_checkpoint(ckpt_path, data_root, ctx=dist.Context(0, 0, 1, torch.device("cpu"))):
-    """la.evaluation.evaluate on val and test; by default in one process, the ground truth for distributed runs."""
+    """la.engine.evaluate on val and test; by default in one process, the ground truth for distributed runs."""
     ckpt = load(ckpt_path)
     cfg = config.from_dict(ckpt["config"])
     cfg.data.root = str(data_root)
@@ -109,7 +109,7 @@ def evaluate_checkpoint(ckpt_path, data_root, ctx=dist.Context(0, 0, 1, torch.de
     model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
     model.load_state_dict(ckpt["model"])
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
-    return {name: evaluation.evaluate(model, x, y, splits.counts, ctx, "fp32", cfg.train.channels_last, 64)
+    return {name: engine.evaluate(model, x, y, splits.counts, ctx, "fp32", cfg.train.channels_last, 64)
             for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y))}
 
 
@@ -272,7 +272,7 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
         for key in ("top1", "balanced_acc"):
             assert final[f"{split}_{key}"] == truth[split][key], (split, key)
 
-    # The same checkpoint through la.evaluation on two ranks: every per-class figure equal, too.
+    # The same checkpoint through la.engine on two ranks: every per-class figure equal, too.
     helper = tmp_path / "dist_eval.py"
     helper.write_text(DIST_EVAL)
     run([TORCHRUN, "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", helper,

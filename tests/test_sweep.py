@@ -58,7 +58,7 @@ def test_sweep_script_end_to_end(tmp_path, fake_root):
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
            "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"),
            "EXTRA": "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 --set train.precision=fp32"}
-    proc = run(["bash", "scripts/sweep_rho.sh"], cwd=REPO, env=env, timeout=120)
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     results = tmp_path / "results"
     for suffix in ("md", "csv", "png"):
         assert (results / f"cifar10_rho_sweep.{suffix}").is_file()
@@ -70,5 +70,5 @@ def test_sweep_script_end_to_end(tmp_path, fake_root):
     with open(results / "cifar10_rho_sweep.csv") as f:
         assert [r["n"] for r in csv.DictReader(f)] == ["1", "1", "1"]
 
-    again = run(["bash", "scripts/sweep_rho.sh"], cwd=REPO, env=env, timeout=120)  # finished runs are not retrained
-    assert again.stdout.count("finished, skipped") == 2 and "training" not in again.stdout
+    again = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
+    assert again.stdout.count("(--resume)") == 2 and "epoch   1/1" not in again.stdout  # finished runs: not retrained

@@ -1,7 +1,18 @@
-"""Forward passes without augmentation, shared by train.py and eval.py."""
+"""The training step and evaluation passes, shared by train.py, eval.py and scripts/bench.py."""
 import torch
 
 from la import data, dist, metrics, precision
+
+
+def train_step(model, criterion, optimizer, x, y, prec, device):
+    """One SGD step: forward under autocast, fp32 loss, backward, update. Returns (loss, logits), detached."""
+    with precision.autocast(prec, device):
+        logits = model(x)
+    loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 @torch.no_grad()
