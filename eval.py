@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from la import UserError, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
+from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
 
 ROWS = (("top1", "top-1"), ("balanced_acc", "balanced acc"), ("many", "many-shot (>100)"),
         ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"), ("nll", "NLL"), ("ece", "ECE (15 bins)"))
@@ -171,8 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, checkpoint, config, data, dist, engine, losses, models, precision
+from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, models, precision
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -272,10 +272,4 @@ def train(cfg, args, ctx):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node: a problem may be one node's alone
-            rank = os.environ.get("RANK", "0")
-            print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
