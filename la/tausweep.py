@@ -21,9 +21,13 @@ def _at(logits, labels, log_pi, tau, counts):
 
 
 def _best(taus, scores):
-    """The tau with the highest score; ties go to the tau nearest the paper's default of 1."""
+    """The tau with the highest score; ties go to the tau nearest the paper's default of 1.
+
+    Scores are means of per-class fractions, so equal accuracies can differ in the last float bit:
+    a tie is anything within 1e-9 of the best.
+    """
     best = max(scores)
-    return min((abs(t - 1.0), t) for t, s in zip(taus, scores) if s == best)[1]
+    return min((abs(t - 1.0), t) for t, s in zip(taus, scores) if s >= best - 1e-9)[1]
 
 
 def sweep(val, test, log_pi, taus):

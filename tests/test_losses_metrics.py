@@ -98,5 +98,11 @@ def test_tau_chosen_on_validation_differs_from_the_test_oracle():
     assert s["validation_chosen"]["test_balanced_acc"] == pytest.approx(75.0)
 
 
+def test_float_noise_does_not_break_a_tie():
+    # 79.5 computed two ways differs in the last bit; both are the best, and the tie goes to the tau nearest 1
+    assert tausweep._best([2.0, 2.45], [79.5, 79.50000000000001]) == 2.0
+    assert tausweep._best([0.5, 1.5, 2.0], [70.0, 70.0, 71.0]) == 2.0
+
+
 def test_tau_grid_includes_its_end():
     assert tausweep.parse_grid("0:3:0.05")[-1] == 3.0 and len(tausweep.parse_grid("0:3:0.05")) == 61
