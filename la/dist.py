@@ -53,12 +53,6 @@ def all_reduce_sum(t):
     return t
 
 
-def any_rank(flag, device):
-    """True on every rank if flag is true on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
-
-
 def check_same(value, what):
     """Fail on every rank if a value (e.g. the split manifest and its hashes) differs between ranks."""
     if not dist.is_initialized():
