@@ -25,7 +25,7 @@ from la import UserError, run_cli, checkpoint, config, data, dist, engine, losse
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
-                     "train.eval_batch_size", "train.compile", "train.out"}
+                     "train.save_every", "train.eval_batch_size", "train.compile", "train.out"}
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "eval.json", "logits.pt")
 
 
@@ -112,7 +112,7 @@ def update_latest(run_dir):
     runs = Path("runs")
     runs.mkdir(exist_ok=True)
     target = os.path.relpath(run_dir.resolve(), runs.resolve())
-    tmp = runs / ".latest.tmp"
+    tmp = runs / f".latest.{os.getpid()}.tmp"  # per process: runs started side by side must not collide
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(target if not target.startswith("..") else run_dir.resolve())
@@ -265,7 +265,8 @@ def train(cfg, args, ctx):
             shown = {k: v for k, v in record.items() if k not in ("epoch", "seconds", "eval_seconds")}
             say(f"epoch {epoch + 1:3d}/{tc.epochs} " + " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
-        save(epoch + 1, 0, partial)
+        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs:
+            save(epoch + 1, 0, partial)
         dist.barrier()
     say(f"done: {run_dir}")
     return 0

@@ -61,6 +61,7 @@ class Train:
     channels_last: bool = True
     compile: bool = False
     eval_every: int = 1             # evaluate every N epochs (and always after the last)
+    save_every: int = 1             # checkpoint every N epochs (and after the last, and on a stop signal)
     eval_batch_size: int = 1024
     out: str = ""                   # run directory; empty means runs/{dataset}-lt_rho{rho}_{loss}_s{seed}
 
@@ -160,6 +161,7 @@ def validate(cfg):
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
+        (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
     ]
     for ok, message in checks:

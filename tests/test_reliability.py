@@ -173,6 +173,22 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
     assert not list(out.glob(".checkpoint.pt.*")), "a killed save's temporary file was left behind"
 
 
+def test_save_every_writes_only_its_epochs_and_the_last(reference, fake_root, tmp_path):
+    out = tmp_path / "run"
+    ckpt_path, seen, last_stat = out / "checkpoint.pt", [], None
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--set", "train.save_every=2"))
+    while proc.poll() is None:  # every checkpoint this run writes, as it appears (each is an atomic rename)
+        stat = ckpt_path.stat() if ckpt_path.exists() else None
+        if stat and (stat.st_ino, stat.st_mtime_ns) != last_stat:
+            last_stat = (stat.st_ino, stat.st_mtime_ns)
+            seen.append(load(ckpt_path)["epoch"])
+        time.sleep(0.005)
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stderr
+    assert seen[-1:] == [3] and set(seen) <= {2, 3}, f"checkpoints written at epochs {seen}; want 2 and the last, 3"
+    assert_same_state(load(ckpt_path), load(reference / "checkpoint.pt"))  # how often it saves changes nothing learned
+
+
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(fake_root, tmp_path):
     out = tmp_path / "run"
     # lr x 1e30 from epoch 2 on: epoch 1 trains normally, epoch 2 blows up within a few steps

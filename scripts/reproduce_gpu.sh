@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU numbers in BENCHMARKS.md and RESULTS.md, in one go on one GPU:
+#   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, eager and compiled, (c) bare step
+#   2. the paper recipe (ResNet-32, CE, CIFAR-10-LT rho=100, 200 epochs) alone on the GPU: the full-run time
+#   3. side by side on the same GPU (their wall times are shared, not comparable): the seed recipe
+#      (ResNet-34) with CE and with LA, and the paper recipe's CE with seeds 1 and 2
+#   4. eval.py on every run: CE raw, post-hoc tau=1, tau chosen on validation, oracle; LA raw
+#
+#   DATA_ROOT=/path/to/data bash scripts/reproduce_gpu.sh
+#   EPOCHS=1 DEVICE=cpu DATA_ROOT=... bash scripts/reproduce_gpu.sh      # a dry run of every step
+#
+# TIME_LIMIT (seconds, empty: none) stops step 3's runs when it is spent; a stopped run saves a checkpoint
+# and continues with --resume. Finished runs are skipped on a re-run.
+set -euo pipefail
+DATA_ROOT=${DATA_ROOT:-${LA_DATA_ROOT:-./data}}
+OUT=${OUT:-runs/gpu}
+PYTHON=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+EPOCHS=${EPOCHS:-}          # empty: the recipes' 200
+TIME_LIMIT=${TIME_LIMIT:-}
+BENCH=${BENCH:-"--windows 7 --window-steps 60 --warmup-steps 30"}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+START=$(date +%s)
+mkdir -p "$OUT"
+
+common=(--data-root "$DATA_ROOT" --device "$DEVICE" --rho 100 ${EPOCHS:+--epochs "$EPOCHS"})
+left() {  # seconds of TIME_LIMIT left, or a day
+    [[ -z $TIME_LIMIT ]] && { echo 86400; return; }
+    local n=$(( TIME_LIMIT - ($(date +%s) - START) ))
+    echo $(( n > 1 ? n : 1 ))  # timeout 0 would mean no limit
+}
+train() {  # run-name, then train.py flags; stopped by SIGTERM (it saves and exits) when TIME_LIMIT runs out
+    local dir=$OUT/$1 resume=() t0 rc=0
+    shift
+    [[ -f $dir/checkpoint.pt ]] && resume=(--resume)
+    t0=$(date +%s.%N)
+    timeout --kill-after=60 "$(left)" "$PYTHON" "$REPO/train.py" "${common[@]}" --out "$dir" "$@" "${resume[@]}" \
+        > "$dir.log" 2>&1 || rc=$?
+    echo "$dir: exit $rc, $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t0}") s wall, $(grep -c . "$dir/metrics.jsonl" || true) epochs"
+    (( rc == 0 )) || tail -3 "$dir.log"
+}
+
+echo "== 1. benchmark ($DEVICE)"
+"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" --compile $BENCH \
+    --json "$OUT/bench_$DEVICE.json" || echo "bench failed: exit $?"
+
+echo "== 2. paper recipe, CE, seed 0, alone on the device"
+train r32_ce_s0 --loss ce --seed 0
+
+echo "== 3. side by side: seed recipe CE and LA; paper recipe CE seeds 1 and 2 ($(left) s left)"
+train r34_ce_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss ce --seed 0 --set train.save_every=20 &
+train r34_la_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss la --seed 0 --set train.save_every=20 &
+train r32_ce_s1 --loss ce --seed 1 &
+train r32_ce_s2 --loss ce --seed 2 &
+wait
+
+echo "== 4. evaluation"
+for dir in "$OUT"/*/; do
+    dir=${dir%/}
+    [[ -f $dir/checkpoint.pt ]] || continue
+    flags=(--data-root "$DATA_ROOT")
+    [[ $dir == *_ce_* ]] && flags+=(--posthoc --tau 1 --tau-sweep)
+    echo "-- $dir"
+    "$PYTHON" "$REPO/eval.py" "$dir" "${flags[@]}" || echo "eval failed: exit $?"
+done
+echo "done in $(( $(date +%s) - START )) s"
