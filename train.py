@@ -25,7 +25,8 @@ from la import UserError, run_cli, checkpoint, config, data, dist, engine, losse
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
-                     "train.save_every", "train.eval_batch_size", "train.compile", "train.out"}
+                     "train.save_every", "train.eval_batch_size", "train.compile",
+                     "train.compile_mode", "train.out"}
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "eval.json", "logits.pt")
 
 
@@ -143,6 +144,7 @@ def train(cfg, args, ctx):
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
     prec = precision.resolve(tc.precision, ctx.device)
+    use_compile = precision.resolve_compile(tc.compile, ctx.device)
     loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
@@ -193,14 +195,17 @@ def train(cfg, args, ctx):
     raw_model = model
     if ctx.distributed:
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    if tc.compile:
-        model = torch.compile(model)
+    if use_compile:
+        if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
+            torch._dynamo.config.suppress_errors = True
+        model = torch.compile(model, mode=tc.compile_mode)  # at the first step, and once more for a short last batch
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
         f"({models.num_params(raw_model) / 1e6:.2f}M params), loss={cfg.loss.name}"
         f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
-        f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
+        f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, compile {'on' if use_compile else 'off'}"
+        f"{' (auto)' if tc.compile == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
     stop = StopFlag()
     check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags

@@ -59,7 +59,8 @@ class Train:
     seed: int = 0                   # initialisation, data order and augmentation
     precision: str = "auto"         # auto | fp32 | bf16
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "auto"           # auto (on for CPUs with a C++ compiler, off on CUDA) | true | false
+    compile_mode: str = "default"   # torch.compile's mode; reduce-overhead replays steps as CUDA graphs
     eval_every: int = 1             # evaluate every N epochs (and always after the last)
     save_every: int = 1             # checkpoint every N epochs (and after the last, and on a stop signal)
     eval_batch_size: int = 1024
@@ -94,6 +95,8 @@ CHOICES = {
     "model.name": ("resnet32", "resnet34"),
     "loss.name": ("ce", "la"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile": ("auto", "true", "false"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -105,6 +108,8 @@ def _coerce(key, value, default):
         except yaml.YAMLError:
             raise UserError(f"{key}: cannot parse {value!r}")
     kind = type(default)
+    if kind is str and isinstance(value, bool):
+        value = "true" if value else "false"  # YAML's true/false for a key that also takes 'auto'
     if kind is float and isinstance(value, str):
         try:
             value = float(value)  # YAML 1.1 reads 1e30 and 5e-4 (no dot) as strings

@@ -1,14 +1,15 @@
 """Training throughput, in images per second, of three pipelines on one machine in one run (issue 3).
 
     python scripts/bench.py                                  # CUDA when available, CIFAR-10-LT rho=100
-    python scripts/bench.py --device cpu --compile --json results/bench_cpu.json
+    python scripts/bench.py --device cpu --json results/bench_cpu.json
+    python scripts/bench.py --device cpu --compile false --json results/bench_cpu_eager.json
 
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
     2 DataLoader workers (la.data.TorchvisionLoader).
 (b) train:     train.py's inner loop at the recipe defaults: uint8 data on the device with batched tensor
-    augmentation (la.data.TensorLoader), precision 'auto', channels_last.
-(c) ceiling:   (b)'s model, precision and optimizer step on one fixed, pre-normalised batch: no data
-    pipeline, no bookkeeping. (b) cannot beat it, so (b)/(c) says how much the pipeline costs.
+    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto'.
+(c) ceiling:   (b)'s model, precision, compilation and optimizer step on one fixed, pre-normalised batch:
+    no data pipeline, no bookkeeping. (b) cannot beat it, so (b)/(c) says how much the pipeline costs.
 
 Each figure is the median of timed windows after warm-up. Windows run on across epoch boundaries, so
 per-epoch costs (a new permutation, the reference's DataLoader worker start-up) land in the windows
@@ -52,7 +53,10 @@ def parse_args(argv):
     p.add_argument("--model", choices=tuple(models.MODELS), default="resnet32")
     p.add_argument("--loss", choices=("ce", "la"), default="la")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="of (b) and (c); (a) is fp32")
-    p.add_argument("--compile", action="store_true", help="also measure (b) with torch.compile")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                   help="torch.compile of (b) and (c), as train.compile; (a) is never compiled")
+    p.add_argument("--compile-mode", choices=config.CHOICES["train.compile_mode"], default="default",
+                   help="torch.compile's mode, as train.compile_mode")
     p.add_argument("--skip-reference", action="store_true", help="do not measure (a)")
     p.add_argument("--json", help="default: results/bench_{device}.json")
     args = p.parse_args(argv)
@@ -97,14 +101,15 @@ def endless(loader):
 
 # ---------------------------------------------------------------- model and step
 
-def build_model(cfg, n_classes, device, channels_last):
+def build_model(cfg, n_classes, device, channels_last, compile_model=False, mode="default"):
+    """(model to call, optimizer): the model compiled when asked, as train.py does; the first steps compile it."""
     torch.manual_seed(0)  # every figure starts from the same weights
     model = models.build(cfg.model.name, n_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    return model.train(), optimizer
+    return (torch.compile(model, mode=mode) if compile_model else model).train(), optimizer
 
 
 def make_step(model, criterion, optimizer, prec, device, bookkeeping):
@@ -174,16 +179,19 @@ def tensor_loader(ctx, args):
                              channels_last=True, augment=True)
 
 
-def bench_train(ctx, args, compile_model=False):
-    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True)
-    if compile_model:
-        model = torch.compile(model)  # compiles during warm-up; a short last batch may recompile once, inside a window
+def bench_train(ctx, args):
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
+                                   compile_model=ctx["compile"], mode=ctx["compile_mode"])
     step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True)
+    if ctx["compile"]:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
+        *_, last = tensor_loader(ctx, args).batches(0)
+        step(*last)
     return measure(step, endless(tensor_loader(ctx, args)), args, ctx["device"])
 
 
 def bench_ceiling(ctx, args):
-    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True)
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
+                                   compile_model=ctx["compile"], mode=ctx["compile_mode"])
     batch = next(tensor_loader(ctx, args).batches(0))  # already augmented, normalised, channels_last, on the device
     step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False)
     return measure(step, itertools.repeat(batch), args, ctx["device"])
@@ -235,9 +243,7 @@ def machine(device):
 
 def derive(figures, gflop, n_train, epochs):
     ratio = lambda a, b: figures[a]["img_per_s"] / figures[b]["img_per_s"] if a in figures and b in figures else None
-    ratios = {"train_over_reference": ratio("train", "reference"), "train_over_ceiling": ratio("train", "ceiling"),
-              "compiled_over_train": ratio("train_compiled", "train"),
-              "compiled_over_reference": ratio("train_compiled", "reference")}
+    ratios = {"train_over_reference": ratio("train", "reference"), "train_over_ceiling": ratio("train", "ceiling")}
     estimates = {}
     for name, fig in figures.items():
         if name != "ceiling":
@@ -246,16 +252,17 @@ def derive(figures, gflop, n_train, epochs):
     return {k: v for k, v in ratios.items() if v is not None}, figures["train"]["img_per_s"] * gflop, estimates
 
 
-LABELS = {"reference": "(a) reference", "train": "(b) train.py loop", "train_compiled": "(b) compiled", "ceiling": "(c) bare step"}
+LABELS = {"reference": "(a) reference", "train": "(b) train.py loop", "ceiling": "(c) bare step"}
 
 
 def print_report(res):
     m, r = res["machine"], res
     print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {m['git_commit']}")
     print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}, loss {r['loss']}, batch {r['batch_size']}")
-    print(f"\n{'':20s} {'precision':>9s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
+    print(f"\n{'':20s} {'precision':>9s} {'compiled':>8s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
     for name, fig in r["figures"].items():
-        print(f"{LABELS[name]:20s} {fig['precision']:>9s} {fig['img_per_s']:9.1f} {fig['overall_img_per_s']:9.1f} "
+        print(f"{LABELS[name]:20s} {fig['precision']:>9s} {'yes' if fig['compiled'] else 'no':>8s} "
+              f"{fig['img_per_s']:9.1f} {fig['overall_img_per_s']:9.1f} "
               f"{min(fig['windows']):9.1f} {max(fig['windows']):9.1f}")
     print(f"(median of {r['windows']} windows x {r['window_steps']} steps after {r['warmup_steps']} warm-up steps)\n")
     for k, v in r["ratios"].items():
@@ -278,18 +285,18 @@ def main(argv):
     n_classes = data.num_classes(cfg.data.dataset)
     ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes,
            "prec": precision.resolve(cfg.train.precision, device),
+           "compile": precision.resolve_compile(args.compile, device), "compile_mode": args.compile_mode,
            "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau)}
 
-    plan = [("reference", "fp32", lambda: bench_reference(ctx, args)),
-            ("train", ctx["prec"], lambda: bench_train(ctx, args)),
-            ("train_compiled", ctx["prec"], lambda: bench_train(ctx, args, compile_model=True)),
-            ("ceiling", ctx["prec"], lambda: bench_ceiling(ctx, args))]
-    skip = {"reference": args.skip_reference, "train_compiled": not args.compile}
-    plan = [p for p in plan if not skip.get(p[0])]
+    plan = [("reference", "fp32", False, lambda: bench_reference(ctx, args)),
+            ("train", ctx["prec"], ctx["compile"], lambda: bench_train(ctx, args)),
+            ("ceiling", ctx["prec"], ctx["compile"], lambda: bench_ceiling(ctx, args))]
     figures = {}
-    for name, prec, run in plan:
-        print(f"measuring {LABELS[name]} ({prec}) ...", flush=True)
-        figures[name] = {"precision": prec, **run()}
+    for name, prec, compiled, run in plan:
+        if name == "reference" and args.skip_reference:
+            continue
+        print(f"measuring {LABELS[name]} ({prec}{', compiled' if compiled else ''}) ...", flush=True)
+        figures[name] = {"precision": prec, "compiled": compiled, **run()}
 
     gflop = gflop_per_image(cfg, n_classes)
     ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs)
@@ -297,6 +304,7 @@ def main(argv):
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
         "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
         "train_images": len(y), "model": cfg.model.name, "loss": cfg.loss.name, "precision": ctx["prec"],
+        "compile": ctx["compile"], "compile_mode": args.compile_mode if ctx["compile"] else None,
         "batch_size": args.batch_size, "windows": args.windows, "window_steps": args.window_steps,
         "warmup_steps": args.warmup_steps, "figures": figures, "ratios": ratios,
         "gflop_per_image": gflop, "gflop_source": "counted: FlopCounterMode, forward + backward",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU numbers in BENCHMARKS.md and RESULTS.md, in one go on one GPU:
-#   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, eager and compiled, (c) bare step
+#   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, (c) bare step; then (b) and (c)
+#      compiled with CUDA graphs
 #   2. the paper recipe (ResNet-32, CE, CIFAR-10-LT rho=100, 200 epochs) alone on the GPU: the full-run time
 #   3. side by side on the same GPU (their wall times are shared, not comparable): the seed recipe
 #      (ResNet-34) with CE and with LA, and the paper recipe's CE with seeds 1 and 2
@@ -9,7 +10,7 @@
 #   DATA_ROOT=/path/to/data bash scripts/reproduce_gpu.sh
 #   EPOCHS=1 DEVICE=cpu DATA_ROOT=... bash scripts/reproduce_gpu.sh      # a dry run of every step
 #
-# TIME_LIMIT (seconds, empty: none) stops step 3's runs when it is spent; a stopped run saves a checkpoint
+# TIME_LIMIT (seconds from the start, empty: none) stops any training still running then; a stopped run saves a checkpoint
 # and continues with --resume. Finished runs are skipped on a re-run.
 set -euo pipefail
 DATA_ROOT=${DATA_ROOT:-${LA_DATA_ROOT:-./data}}
@@ -19,6 +20,7 @@ DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-}          # empty: the recipes' 200
 TIME_LIMIT=${TIME_LIMIT:-}
 BENCH=${BENCH:-"--windows 7 --window-steps 60 --warmup-steps 30"}
+STEP2=${STEP2:-}            # more train.py flags for step 2, e.g. "--set train.compile=true --set train.compile_mode=reduce-overhead"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -41,11 +43,14 @@ train() {  # run-name, then train.py flags; stopped by SIGTERM (it saves and exi
 }
 
 echo "== 1. benchmark ($DEVICE)"
-"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" --compile $BENCH \
+"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH \
     --json "$OUT/bench_$DEVICE.json" || echo "bench failed: exit $?"
+echo "-- (b) and (c) compiled, CUDA graphs (reduce-overhead)"
+"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH --skip-reference \
+    --compile true --compile-mode reduce-overhead --json "$OUT/bench_${DEVICE}_cudagraphs.json" || echo "bench failed: exit $?"
 
 echo "== 2. paper recipe, CE, seed 0, alone on the device"
-train r32_ce_s0 --loss ce --seed 0
+train r32_ce_s0 --loss ce --seed 0 $STEP2
 
 echo "== 3. side by side: seed recipe CE and LA; paper recipe CE seeds 1 and 2 ($(left) s left)"
 train r34_ce_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss ce --seed 0 --set train.save_every=20 &

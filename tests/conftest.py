@@ -57,9 +57,10 @@ def fake_root(tmp_path_factory):
     return root
 
 
-# A run small enough for a test: tiny data, tiny batches, fp32 so results do not depend on bf16 support.
+# A run small enough for a test: tiny data, tiny batches, fp32 so results do not depend on bf16 support, and
+# uncompiled (compiling takes most of a minute; tests/test_end_to_end.py has the one compiled run).
 TINY = ["--set", "data.download=false", "--set", "data.val_per_class=2", "--set", "train.batch_size=32",
-        "--set", "train.precision=fp32", "--set", "train.eval_batch_size=64", "--rho", "10"]
+        "--set", "train.precision=fp32", "--set", "train.compile=false", "--set", "train.eval_batch_size=64", "--rho", "10"]
 
 
 def run(args, cwd, check=True, env=None, timeout=300, **kw):

@@ -56,6 +56,31 @@ def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
     assert report["val"]["raw"]["balanced_acc"] == pytest.approx(last["val_balanced_acc"])
 
 
+def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, tmp_path):
+    """train.compile=true (the CPU default under 'auto'): the one compiled run of the suite, so it checks a lot."""
+    out = tmp_path / "compiled"
+    proc = run([REPO / "train.py", "--data-root", fake_root, "--epochs", "1", "--out", out] + TINY
+               + ["--set", "train.compile=true"], tmp_path)
+    assert "compile on," in proc.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert not any("_orig_mod" in k for k in ckpt["model"]), "the checkpoint holds the plain module, not the compiled wrapper"
+    run([REPO / "eval.py", out, "--data-root", fake_root], tmp_path)  # evaluates uncompiled, at the same precision
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((out / "eval.json").read_text())["test"]["raw"]["top1"] == pytest.approx(last["test_top1"])
+
+
+def test_compile_auto_is_on_for_cpus_with_a_cxx_compiler_and_off_on_cuda(monkeypatch):
+    from la import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("CXX", sys.executable)  # any executable will do for the lookup
+    assert precision.resolve_compile("auto", cpu) is True
+    assert precision.resolve_compile("auto", cuda) is False
+    assert precision.resolve_compile("true", cuda) is True and precision.resolve_compile("false", cpu) is False
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert precision.resolve_compile("auto", cpu) is False  # no compiler: train uncompiled rather than fail
+
+
 def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     cwd, _, _ = two_runs
     run_dir = tmp_path / "copy"

@@ -57,7 +57,8 @@ def test_table_mean_std_and_missing(tmp_path):
 def test_sweep_script_end_to_end(tmp_path, fake_root):
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
            "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"),
-           "EXTRA": "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 --set train.precision=fp32"}
+           "EXTRA": "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 --set train.precision=fp32 "
+                    "--set train.compile=false"}
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     results = tmp_path / "results"
     for suffix in ("md", "csv", "png"):
