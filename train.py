@@ -207,6 +207,10 @@ def train(cfg, args, ctx):
         f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, compile {'on' if use_compile else 'off'}"
         f"{' (auto)' if tc.compile == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
+    late = [m for m in cfg.optim.milestones if m >= tc.epochs]
+    if late:  # a shortened run (--epochs 20) keeps the recipe's milestones unless told otherwise
+        say(f"note: optim.milestones {late} are not before train.epochs={tc.epochs}, so those learning-rate "
+            f"decays never happen; to shorten the schedule too, pass --set optim.milestones=[...]")
     stop = StopFlag()
     check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags
     save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({

@@ -37,6 +37,12 @@ def test_torchrun_training_writes_the_run_directory(two_runs):
     assert os.readlink(cwd / "runs" / "latest") == "cifar10-lt_rho10_la_s0"
 
 
+def test_a_shortened_run_says_its_milestones_never_come(two_runs):
+    _, ce, la = two_runs  # --epochs 2 with the recipe's milestones [160, 180]
+    assert "note: optim.milestones [160, 180] are not before train.epochs=2" in la.stdout
+    assert ce.stdout.count("note: optim.milestones") == 1, "said once, by rank 0"
+
+
 def test_eval_defaults_to_latest_and_warns_on_double_counting(two_runs, fake_root):
     cwd, _, _ = two_runs
     out = run([REPO / "eval.py", "--posthoc", "--tau", "1", "--data-root", fake_root], cwd)
@@ -60,8 +66,9 @@ def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, t
     """train.compile=true (the CPU default under 'auto'): the one compiled run of the suite, so it checks a lot."""
     out = tmp_path / "compiled"
     proc = run([REPO / "train.py", "--data-root", fake_root, "--epochs", "1", "--out", out] + TINY
-               + ["--set", "train.compile=true"], tmp_path)
+               + ["--set", "train.compile=true", "--set", "optim.milestones=[0]"], tmp_path)
     assert "compile on," in proc.stdout
+    assert "note: optim.milestones" not in proc.stdout  # its one milestone (x0.1 from epoch 0) lies inside the run
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert not any("_orig_mod" in k for k in ckpt["model"]), "the checkpoint holds the plain module, not the compiled wrapper"
     run([REPO / "eval.py", out, "--data-root", fake_root], tmp_path)  # evaluates uncompiled, at the same precision
