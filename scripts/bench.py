@@ -53,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--model", choices=tuple(models.MODELS), default="resnet32")
     p.add_argument("--loss", choices=("ce", "la"), default="la")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="of (b) and (c); (a) is fp32")
-    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+    p.add_argument("--compile", choices=config.CHOICES["train.compile"], default="auto",
                    help="torch.compile of (b) and (c), as train.compile; (a) is never compiled")
     p.add_argument("--compile-mode", choices=config.CHOICES["train.compile_mode"], default="default",
                    help="torch.compile's mode, as train.compile_mode")
