@@ -158,7 +158,7 @@ def train(cfg, args, ctx):
     model = models.build(cfg.model.name, n_classes).to(ctx.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = losses.build_loss(cfg.loss.name, splits.counts, cfg.loss.tau)
+    criterion = losses.build_loss(cfg.loss.name, splits.counts, cfg.loss.tau, ctx.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))

@@ -244,11 +244,15 @@ class TensorLoader:
         return len(epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch))
 
     def batches(self, epoch, start_step=0):
-        plan = epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch)
+        plan = epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch)[start_step:]
         device = self.x.device
         offsets, flips = (t.to(device) for t in augment_params(len(self.y), self.seed, epoch))
-        for batch in plan[start_step:]:
-            idx = shard(batch, self.rank, self.world_size).to(device, non_blocking=True)
+        # the epoch's indices reach the device in one copy: a copy per batch from pageable memory would
+        # make the host wait for the GPU at every step
+        mine = [shard(batch, self.rank, self.world_size) for batch in plan]
+        if not mine:
+            return
+        for idx in torch.cat(mine).to(device).split([len(m) for m in mine]):
             x = self.x[idx]
             if self.augment:
                 x = crop_flip(x, offsets[idx], flips[idx])

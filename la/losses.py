@@ -24,8 +24,10 @@ def posthoc_adjust(logits, log_pi, tau=1.0):
     return logits - tau * log_pi.to(logits)
 
 
-def build_loss(name, counts, tau):
-    """The training criterion: 'ce' or 'la' (loss(logits, targets))."""
-    log_pi = log_prior(counts)
-    shift = tau if name == "la" else 0.0
-    return lambda logits, targets: logit_adjusted_ce(logits, targets, log_pi, shift)
+def build_loss(name, counts, tau, device="cpu"):
+    """The training criterion: 'ce' or 'la' (loss(logits, targets)), its log-prior kept on the training device:
+    copying it there every step would make the host wait for the GPU."""
+    if name == "ce":
+        return F.cross_entropy
+    log_pi = log_prior(counts).to(device)
+    return lambda logits, targets: logit_adjusted_ce(logits, targets, log_pi, tau)

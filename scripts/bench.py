@@ -286,7 +286,8 @@ def main(argv):
     ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes,
            "prec": precision.resolve(cfg.train.precision, device),
            "compile": precision.resolve_compile(args.compile, device), "compile_mode": args.compile_mode,
-           "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau)}
+           "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau,
+                                          device)}
 
     plan = [("reference", "fp32", False, lambda: bench_reference(ctx, args)),
             ("train", ctx["prec"], ctx["compile"], lambda: bench_train(ctx, args)),
