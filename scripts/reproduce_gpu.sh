@@ -3,11 +3,12 @@
 #   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, (c) bare step; then (b) and (c)
 #      compiled with CUDA graphs
 #   2. the paper recipe (ResNet-32, CE, CIFAR-10-LT rho=100, 200 epochs) alone on the GPU: the full-run time
-#   3. side by side on the same GPU (their wall times are shared, not comparable): the seed recipe
-#      (ResNet-34) with CE and with LA, and the paper recipe's CE with seeds 1 and 2
-#   4. eval.py on every run: CE raw, post-hoc tau=1, tau chosen on validation, oracle; LA raw
+#   3. the seed recipe (ResNet-34) with CE and with LA, side by side on the same GPU (so their wall
+#      times are shared: a GPU this model leaves mostly idle runs two at nearly the speed of one)
+#   4. eval.py on every finished run: CE raw, post-hoc tau=1, tau chosen on validation, oracle; LA raw
 #
 #   DATA_ROOT=/path/to/data bash scripts/reproduce_gpu.sh
+#   STEPS="3 4" DATA_ROOT=... bash scripts/reproduce_gpu.sh             # only some steps
 #   EPOCHS=1 DEVICE=cpu DATA_ROOT=... bash scripts/reproduce_gpu.sh      # a dry run of every step
 #
 # TIME_LIMIT (seconds from the start, empty: none) stops any training still running then; a stopped run saves a checkpoint
@@ -20,6 +21,7 @@ DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-}          # empty: the recipes' 200
 TIME_LIMIT=${TIME_LIMIT:-}
 BENCH=${BENCH:-"--windows 7 --window-steps 60 --warmup-steps 30"}
+STEPS=${STEPS:-"1 2 3 4"}
 STEP2=${STEP2:-}            # more train.py flags for step 2, e.g. "--set train.compile=true --set train.compile_mode=reduce-overhead"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 START=$(date +%s)
@@ -42,27 +44,36 @@ train() {  # run-name, then train.py flags; stopped by SIGTERM (it saves and exi
     (( rc == 0 )) || tail -3 "$dir.log"
 }
 
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if step 1; then
 echo "== 1. benchmark ($DEVICE)"
 "$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH \
     --json "$OUT/bench_$DEVICE.json" || echo "bench failed: exit $?"
 echo "-- (b) and (c) compiled, CUDA graphs (reduce-overhead)"
 "$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH --skip-reference \
     --compile true --compile-mode reduce-overhead --json "$OUT/bench_${DEVICE}_cudagraphs.json" || echo "bench failed: exit $?"
+fi
 
+if step 2; then
 echo "== 2. paper recipe, CE, seed 0, alone on the device"
 train r32_ce_s0 --loss ce --seed 0 $STEP2
+fi
 
-echo "== 3. side by side: seed recipe CE and LA; paper recipe CE seeds 1 and 2 ($(left) s left)"
+if step 3; then
+echo "== 3. side by side: seed recipe CE and LA ($(left) s left)"
 train r34_ce_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss ce --seed 0 --set train.save_every=20 &
 train r34_la_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss la --seed 0 --set train.save_every=20 &
-train r32_ce_s1 --loss ce --seed 1 &
-train r32_ce_s2 --loss ce --seed 2 &
 wait
+fi
 
+step 4 || exit 0
 echo "== 4. evaluation"
 for dir in "$OUT"/*/; do
     dir=${dir%/}
-    [[ -f $dir/checkpoint.pt ]] || continue
+    # only finished runs: a run stopped by TIME_LIMIT has a checkpoint but fewer metric lines than epochs
+    [[ -f $dir/checkpoint.pt && $(grep -c . "$dir/metrics.jsonl") == $(grep -m1 "^  epochs:" "$dir/config.yaml" | tr -dc 0-9) ]] \
+        || continue
     flags=(--data-root "$DATA_ROOT")
     [[ $dir == *_ce_* ]] && flags+=(--posthoc --tau 1 --tau-sweep)
     echo "-- $dir"
