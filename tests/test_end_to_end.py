@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
+from la import precision
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
     assert report["val"]["raw"]["balanced_acc"] == pytest.approx(last["val_balanced_acc"])
 
 
+@pytest.mark.skipif(precision.cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, tmp_path):
     """train.compile=true (the CPU default under 'auto'): the one compiled run of the suite, so it checks a lot."""
     out = tmp_path / "compiled"
@@ -77,8 +79,6 @@ def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, t
 
 
 def test_compile_auto_is_on_for_cpus_with_a_cxx_compiler_and_off_on_cuda(monkeypatch):
-    from la import precision
-
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("CXX", sys.executable)  # any executable will do for the lookup
     assert precision.resolve_compile("auto", cpu) is True
