@@ -34,7 +34,7 @@ def autocast(precision, device):
 def cxx_compiler():
     """The C++ compiler torch.compile's CPU backend would use, or None."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((shutil.which(n) for n in names if shutil.which(n)), None)
+    return next(filter(None, map(shutil.which, names)), None)
 
 
 def resolve_compile(setting, device):

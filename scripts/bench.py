@@ -183,10 +183,11 @@ def bench_train(ctx, args):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
                                    compile_model=ctx["compile"], mode=ctx["compile_mode"])
     step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True)
+    loader = tensor_loader(ctx, args)
     if ctx["compile"]:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
-        *_, last = tensor_loader(ctx, args).batches(0)
+        *_, last = loader.batches(0)
         step(*last)
-    return measure(step, endless(tensor_loader(ctx, args)), args, ctx["device"])
+    return measure(step, endless(loader), args, ctx["device"])
 
 
 def bench_ceiling(ctx, args):
