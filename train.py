@@ -26,7 +26,7 @@ from la import UserError, run_cli, checkpoint, config, data, dist, engine, losse
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
                      "train.save_every", "train.eval_batch_size", "train.compile",
-                     "train.compile_mode", "train.out"}
+                     "train.compile_mode", "train.cuda_graph", "train.out"}
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "eval.json", "logits.pt")
 
 
@@ -145,6 +145,7 @@ def train(cfg, args, ctx):
     dist.check_same(splits.manifest, "split manifest")
     prec = precision.resolve(tc.precision, ctx.device)
     use_compile = precision.resolve_compile(tc.compile, ctx.device)
+    use_graph = precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, use_compile)
     loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
@@ -199,13 +200,14 @@ def train(cfg, args, ctx):
         if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
             torch._dynamo.config.suppress_errors = True
         model = torch.compile(model, mode=tc.compile_mode)  # at the first step, and once more for a short last batch
+    train_step = engine.make_train_step(model, criterion, optimizer, prec, ctx.device, use_graph)
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
         f"({models.num_params(raw_model) / 1e6:.2f}M params), loss={cfg.loss.name}"
         f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
         f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, compile {'on' if use_compile else 'off'}"
-        f"{' (auto)' if tc.compile == 'auto' else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
+        f"{' (auto)' if tc.compile == 'auto' else ''}{', CUDA graph' if use_graph else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
     if late:  # a shortened run (--epochs 20) keeps the recipe's milestones unless told otherwise
@@ -229,7 +231,7 @@ def train(cfg, args, ctx):
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=(not ctx.is_main) or None, leave=False)
         for step, (x, y) in enumerate(loader.batches(epoch, start_step), start=start_step):
-            loss, logits = engine.train_step(model, criterion, optimizer, x, y, prec, ctx.device)
+            loss, logits = train_step(x, y)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             scheduler.step()
             with torch.no_grad():

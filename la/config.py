@@ -61,6 +61,7 @@ class Train:
     channels_last: bool = True
     compile: str = "auto"           # auto (on for CPUs with a C++ compiler, off on CUDA) | true | false
     compile_mode: str = "default"   # torch.compile's mode; reduce-overhead replays steps as CUDA graphs
+    cuda_graph: str = "auto"        # auto (on for one uncompiled process on CUDA) | true | false: record the step once, replay it
     eval_every: int = 1             # evaluate every N epochs (and always after the last)
     save_every: int = 1             # checkpoint every N epochs (and after the last, and on a stop signal)
     eval_batch_size: int = 1024
@@ -97,6 +98,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.cuda_graph": ("auto", "true", "false"),
 }
 
 

@@ -5,6 +5,8 @@ import shutil
 
 import torch
 
+from la import UserError
+
 
 def cpu_has_bf16():
     try:
@@ -24,10 +26,10 @@ def resolve(name, device):
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
-def autocast(precision, device):
+def autocast(precision, device, cache=True):
     """bf16 autocast keeps parameters, batch-norm statistics and the loss in fp32; no grad scaler needed."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -43,3 +45,15 @@ def resolve_compile(setting, device):
     if setting != "auto":
         return setting == "true"
     return device.type == "cpu" and cxx_compiler() is not None
+
+
+def resolve_cuda_graph(setting, device, world_size, compiled):
+    """'auto' -> on for a single uncompiled process on CUDA (see la.engine.GraphedTrainStep), else off.
+    'true' where it cannot work is the user's mistake, said in one line."""
+    possible = device.type == "cuda" and world_size == 1 and not compiled
+    if setting == "true" and not possible:
+        why = ("needs a CUDA device" if device.type != "cuda" else
+               "records one process's step; under torchrun leave it off" if world_size > 1 else
+               "and train.compile both record the step; pick one")
+        raise UserError(f"train.cuda_graph=true {why}")
+    return possible and setting != "false"

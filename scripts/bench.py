@@ -7,8 +7,8 @@
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
     2 DataLoader workers (la.data.TorchvisionLoader).
 (b) train:     train.py's inner loop at the recipe defaults: uint8 data on the device with batched tensor
-    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto'.
-(c) ceiling:   (b)'s model, precision, compilation and optimizer step on one fixed, pre-normalised batch:
+    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto', cuda_graph 'auto'.
+(c) ceiling:   (b)'s model, precision, compilation, CUDA graph and optimizer step on one fixed, pre-normalised batch:
     no data pipeline, no bookkeeping. (b) cannot beat it, so (b)/(c) says how much the pipeline costs.
 
 Each figure is the median of timed windows after warm-up. Windows run on across epoch boundaries, so
@@ -57,6 +57,8 @@ def parse_args(argv):
                    help="torch.compile of (b) and (c), as train.compile; (a) is never compiled")
     p.add_argument("--compile-mode", choices=config.CHOICES["train.compile_mode"], default="default",
                    help="torch.compile's mode, as train.compile_mode")
+    p.add_argument("--cuda-graph", choices=config.CHOICES["train.cuda_graph"], default="auto",
+                   help="record (b)'s and (c)'s step as one CUDA graph, as train.cuda_graph; (a) never is")
     p.add_argument("--skip-reference", action="store_true", help="do not measure (a)")
     p.add_argument("--json", help="default: results/bench_{device}.json")
     args = p.parse_args(argv)
@@ -112,8 +114,8 @@ def build_model(cfg, n_classes, device, channels_last, compile_model=False, mode
     return (torch.compile(model, mode=mode) if compile_model else model).train(), optimizer
 
 
-def make_step(model, criterion, optimizer, prec, device, bookkeeping):
-    """train.py's step (la.engine.train_step). With bookkeeping also what train.py does around it: the LR
+def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph=False):
+    """train.py's step (la.engine.make_train_step). With bookkeeping also what train.py does around it: the LR
     scheduler step, the metric sums, and reading the stop / non-finite flags (every step on CPU, every
     32nd on CUDA, where reading a device value stalls the queue)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # its cost, not train.py's schedule
@@ -122,10 +124,11 @@ def make_step(model, criterion, optimizer, prec, device, bookkeeping):
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 32
     count = itertools.count(1)
+    train_step = engine.make_train_step(model, criterion, optimizer, prec, device, cuda_graph)
 
     def step(x, y):
         nonlocal nonfinite
-        loss, logits = engine.train_step(model, criterion, optimizer, x, y, prec, device)
+        loss, logits = train_step(x, y)
         if bookkeeping:
             optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -182,7 +185,7 @@ def tensor_loader(ctx, args):
 def bench_train(ctx, args):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
                                    compile_model=ctx["compile"], mode=ctx["compile_mode"])
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True)
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True, ctx["graph"])
     loader = tensor_loader(ctx, args)
     if ctx["compile"]:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
         *_, last = loader.batches(0)
@@ -194,7 +197,7 @@ def bench_ceiling(ctx, args):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
                                    compile_model=ctx["compile"], mode=ctx["compile_mode"])
     batch = next(tensor_loader(ctx, args).batches(0))  # already augmented, normalised, channels_last, on the device
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False)
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False, ctx["graph"])
     return measure(step, itertools.repeat(batch), args, ctx["device"])
 
 
@@ -260,9 +263,10 @@ def print_report(res):
     m, r = res["machine"], res
     print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {m['git_commit']}")
     print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}, loss {r['loss']}, batch {r['batch_size']}")
-    print(f"\n{'':20s} {'precision':>9s} {'compiled':>8s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
+    print(f"\n{'':20s} {'precision':>9s} {'compiled':>8s} {'graph':>5s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
     for name, fig in r["figures"].items():
         print(f"{LABELS[name]:20s} {fig['precision']:>9s} {'yes' if fig['compiled'] else 'no':>8s} "
+              f"{'yes' if fig['cuda_graph'] else 'no':>5s} "
               f"{fig['img_per_s']:9.1f} {fig['overall_img_per_s']:9.1f} "
               f"{min(fig['windows']):9.1f} {max(fig['windows']):9.1f}")
     print(f"(median of {r['windows']} windows x {r['window_steps']} steps after {r['warmup_steps']} warm-up steps)\n")
@@ -290,15 +294,18 @@ def main(argv):
            "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau,
                                           device)}
 
-    plan = [("reference", "fp32", False, lambda: bench_reference(ctx, args)),
-            ("train", ctx["prec"], ctx["compile"], lambda: bench_train(ctx, args)),
-            ("ceiling", ctx["prec"], ctx["compile"], lambda: bench_ceiling(ctx, args))]
+    ctx["graph"] = precision.resolve_cuda_graph(args.cuda_graph, device, 1, ctx["compile"])
+
+    plan = [("reference", "fp32", False, False, lambda: bench_reference(ctx, args)),
+            ("train", ctx["prec"], ctx["compile"], ctx["graph"], lambda: bench_train(ctx, args)),
+            ("ceiling", ctx["prec"], ctx["compile"], ctx["graph"], lambda: bench_ceiling(ctx, args))]
     figures = {}
-    for name, prec, compiled, run in plan:
+    for name, prec, compiled, graphed, run in plan:
         if name == "reference" and args.skip_reference:
             continue
-        print(f"measuring {LABELS[name]} ({prec}{', compiled' if compiled else ''}) ...", flush=True)
-        figures[name] = {"precision": prec, "compiled": compiled, **run()}
+        print(f"measuring {LABELS[name]} ({prec}{', compiled' if compiled else ''}{', CUDA graph' if graphed else ''}) ...",
+              flush=True)
+        figures[name] = {"precision": prec, "compiled": compiled, "cuda_graph": graphed, **run()}
 
     gflop = gflop_per_image(cfg, n_classes)
     ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs)
@@ -306,7 +313,7 @@ def main(argv):
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
         "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
         "train_images": len(y), "model": cfg.model.name, "loss": cfg.loss.name, "precision": ctx["prec"],
-        "compile": ctx["compile"], "compile_mode": args.compile_mode if ctx["compile"] else None,
+        "compile": ctx["compile"], "compile_mode": args.compile_mode if ctx["compile"] else None, "cuda_graph": ctx["graph"],
         "batch_size": args.batch_size, "windows": args.windows, "window_steps": args.window_steps,
         "warmup_steps": args.warmup_steps, "figures": figures, "ratios": ratios,
         "gflop_per_image": gflop, "gflop_source": "counted: FlopCounterMode, forward + backward",

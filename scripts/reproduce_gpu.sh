@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU numbers in BENCHMARKS.md and RESULTS.md, in one go on one GPU:
-#   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, (c) bare step; then (b) and (c)
-#      compiled with CUDA graphs
+#   1. scripts/bench.py on CUDA: (a) reference pipeline, (b) train.py's loop, (c) bare step, at the defaults
+#      (each step replayed as one CUDA graph); then (b) and (c) eager, launched kernel by kernel
 #   2. the paper recipe (ResNet-32, CE, CIFAR-10-LT rho=100, 200 epochs) alone on the GPU: the full-run time
 #   3. the seed recipe (ResNet-34) with CE and with LA, side by side on the same GPU (so their wall
 #      times are shared: a GPU this model leaves mostly idle runs two at nearly the speed of one)
@@ -22,12 +22,13 @@ EPOCHS=${EPOCHS:-}          # empty: the recipes' 200
 TIME_LIMIT=${TIME_LIMIT:-}
 BENCH=${BENCH:-"--windows 7 --window-steps 60 --warmup-steps 30"}
 STEPS=${STEPS:-"1 2 3 4"}
-STEP2=${STEP2:-}            # more train.py flags for step 2, e.g. "--set train.compile=true --set train.compile_mode=reduce-overhead"
+STEP2=${STEP2:-}            # more train.py flags for step 2, e.g. "--set train.compile=true"
+EXTRA=${EXTRA:-}            # more train.py flags for every run, e.g. "--set train.cuda_graph=false"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 START=$(date +%s)
 mkdir -p "$OUT"
 
-common=(--data-root "$DATA_ROOT" --device "$DEVICE" --rho 100 ${EPOCHS:+--epochs "$EPOCHS"})
+common=(--data-root "$DATA_ROOT" --device "$DEVICE" --rho 100 ${EPOCHS:+--epochs "$EPOCHS"} $EXTRA)
 left() {  # seconds of TIME_LIMIT left, or a day
     [[ -z $TIME_LIMIT ]] && { echo 86400; return; }
     local n=$(( TIME_LIMIT - ($(date +%s) - START) ))
@@ -50,9 +51,9 @@ if step 1; then
 echo "== 1. benchmark ($DEVICE)"
 "$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH \
     --json "$OUT/bench_$DEVICE.json" || echo "bench failed: exit $?"
-echo "-- (b) and (c) compiled, CUDA graphs (reduce-overhead)"
+echo "-- (b) and (c) without the CUDA graph"
 "$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH --skip-reference \
-    --compile true --compile-mode reduce-overhead --json "$OUT/bench_${DEVICE}_cudagraphs.json" || echo "bench failed: exit $?"
+    --cuda-graph false --json "$OUT/bench_${DEVICE}_eager.json" || echo "bench failed: exit $?"
 fi
 
 if step 2; then
@@ -62,8 +63,9 @@ fi
 
 if step 3; then
 echo "== 3. side by side: seed recipe CE and LA ($(left) s left)"
-train r34_ce_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss ce --seed 0 --set train.save_every=20 &
-train r34_la_s0 --config "$REPO/configs/seed_cifar10.yaml" --loss la --seed 0 --set train.save_every=20 &
+seed=(--config "$REPO/configs/seed_cifar10.yaml" --seed 0 --set train.save_every=20 --set train.eval_every=5)
+train r34_ce_s0 "${seed[@]}" --loss ce &
+train r34_la_s0 "${seed[@]}" --loss la &
 wait
 fi
 
