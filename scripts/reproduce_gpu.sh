@@ -5,7 +5,8 @@
 #   2. the paper recipe (ResNet-32, CE, CIFAR-10-LT rho=100, 200 epochs) alone on the GPU: the full-run time
 #   3. the seed recipe (ResNet-34) with CE and with LA, side by side on the same GPU (so their wall
 #      times are shared: a GPU this model leaves mostly idle runs two at nearly the speed of one)
-#   4. eval.py on every finished run: CE raw, post-hoc tau=1, tau chosen on validation, oracle; LA raw
+#   4. eval.py on every finished run: CE raw, post-hoc tau=1, tau chosen on validation, oracle; LA raw; and
+#      the seed recipe's per-class chart (CE, CE + post-hoc, LA)
 #
 #   DATA_ROOT=/path/to/data bash scripts/reproduce_gpu.sh
 #   STEPS="3 4" DATA_ROOT=... bash scripts/reproduce_gpu.sh             # only some steps
@@ -81,4 +82,8 @@ for dir in "$OUT"/*/; do
     echo "-- $dir"
     "$PYTHON" "$REPO/eval.py" "$dir" "${flags[@]}" || echo "eval failed: exit $?"
 done
+if [[ -f $OUT/r34_ce_s0/eval.json && -f $OUT/r34_la_s0/eval.json ]]; then  # both seed-recipe runs evaluated
+    "$PYTHON" "$REPO/eval.py" "$OUT/r34_ce_s0" "$OUT/r34_la_s0" --posthoc --tau 1 --data-root "$DATA_ROOT" \
+        --plot "$OUT/per_class_seed.png" > /dev/null || echo "per-class chart failed: exit $?"
+fi
 echo "done in $(( $(date +%s) - START )) s"
