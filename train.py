@@ -156,7 +156,7 @@ def train(cfg, args, ctx):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     n_classes = data.num_classes(cfg.data.dataset)
-    model = models.build(cfg.model.name, n_classes).to(ctx.device)
+    model = models.build(cfg.model.name, n_classes, cfg.model.bn_batch).to(ctx.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = losses.build_loss(cfg.loss.name, splits.counts, cfg.loss.tau, ctx.device)
@@ -200,11 +200,12 @@ def train(cfg, args, ctx):
         if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
             torch._dynamo.config.suppress_errors = True
         model = torch.compile(model, mode=tc.compile_mode)  # at the first step, and once more for a short last batch
-    train_step = engine.make_train_step(model, criterion, optimizer, prec, ctx.device, use_graph)
+    train_step = engine.make_train_step(model, criterion, optimizer, prec, ctx.device, use_graph, tc.batch_size)
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
-        f"({models.num_params(raw_model) / 1e6:.2f}M params), loss={cfg.loss.name}"
+        f"({models.num_params(raw_model) / 1e6:.2f}M params{f', batch norm over {cfg.model.bn_batch} images' if cfg.model.bn_batch else ''}), "
+        f"loss={cfg.loss.name}"
         f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
         f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, compile {'on' if use_compile else 'off'}"
         f"{' (auto)' if tc.compile == 'auto' else ''}{', CUDA graph' if use_graph else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")

@@ -33,6 +33,8 @@ class Data:
 @dataclass
 class Model:
     name: str = "resnet32"          # resnet32 | resnet34
+    bn_batch: int = 0               # images per batch-norm group in training; 0: each process's whole batch.
+                                    # 16 normalises as 8 GPUs x 16 without SyncBN do (the seed's 8 x 16), on one device
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Train:
     channels_last: bool = True
     compile: str = "auto"           # auto (on for CPUs with a C++ compiler, off on CUDA) | true | false
     compile_mode: str = "default"   # torch.compile's mode; reduce-overhead replays steps as CUDA graphs
-    cuda_graph: str = "auto"        # auto (on for one uncompiled process on CUDA) | true | false: record the step once, replay it
+    cuda_graph: str = "auto"        # auto (on for one uncompiled CUDA process) | true | false: replay the step as a CUDA graph
     eval_every: int = 1             # evaluate every N epochs (and always after the last)
     save_every: int = 1             # checkpoint every N epochs (and after the last, and on a stop signal)
     eval_batch_size: int = 1024
@@ -165,6 +167,7 @@ def validate(cfg):
     checks = [
         (cfg.data.rho >= 1, "data.rho must be >= 1"),
         (cfg.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
+        (cfg.model.bn_batch >= 0, "model.bn_batch must be >= 0 (0: the whole batch)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),

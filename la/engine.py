@@ -29,20 +29,20 @@ class GraphedTrainStep:
       optimizer's hyper-parameters and momentum buffers, so checkpoints are the usual optimizer state;
     - the learning rate is read from a device scalar that is refilled from param_groups before each step,
       so the schedule reaches the recorded graph;
-    - batches of another size (an epoch's short last batch) and the first `warmup` steps run the same
-      function eagerly.
+    - batches of another size than `batch_size` (an epoch's short last batch) and the first `warmup` steps
+      run the same function eagerly.
 
     Set graph=False to run every step eagerly through the same function (the CPU tests do).
     Single process only: DistributedDataParallel's gradient hooks are not recorded here.
     """
 
-    def __init__(self, model, criterion, optimizer, prec, device, graph=True, warmup=3):
+    def __init__(self, model, criterion, optimizer, prec, device, batch_size, graph=True, warmup=3):
         if len(optimizer.param_groups) != 1:
             raise ValueError("GraphedTrainStep expects one parameter group")
         self.model, self.criterion, self.optimizer, self.prec, self.device = model, criterion, optimizer, prec, device
         self.params = optimizer.param_groups[0]["params"]
         self.lr = torch.zeros((), device=device)
-        self.graph, self.warmup, self.batch_size = graph, warmup, None
+        self.batch_size, self.graph, self.warmup = batch_size, graph, warmup
         self.recorded = None  # (graph, static x, static y, static (loss, logits))
         # torch's LR schedulers warn if optimizer.step() was never called; the update here is the same step in
         # its functional form, so the warning (and its claim that a rate is skipped) would be false
@@ -65,8 +65,6 @@ class GraphedTrainStep:
 
     def __call__(self, x, y):
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
-        if self.batch_size is None:
-            self.batch_size = len(y)
         if not self.graph or len(y) != self.batch_size:
             self.optimizer.zero_grad(set_to_none=True)
             return self._step(x, y)
@@ -93,10 +91,11 @@ class GraphedTrainStep:
         return out
 
 
-def make_train_step(model, criterion, optimizer, prec, device, cuda_graph):
-    """The step train.py and scripts/bench.py call: (x, y) -> (loss, logits)."""
+def make_train_step(model, criterion, optimizer, prec, device, cuda_graph, batch_size):
+    """The step train.py and scripts/bench.py call: (x, y) -> (loss, logits). With cuda_graph, batches of
+    batch_size images replay one recorded graph."""
     if cuda_graph:
-        return GraphedTrainStep(model, criterion, optimizer, prec, device)
+        return GraphedTrainStep(model, criterion, optimizer, prec, device, batch_size)
     return lambda x, y: train_step(model, criterion, optimizer, x, y, prec, device)
 
 

@@ -114,7 +114,7 @@ def build_model(cfg, n_classes, device, channels_last, compile_model=False, mode
     return (torch.compile(model, mode=mode) if compile_model else model).train(), optimizer
 
 
-def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph=False):
+def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph=False, batch_size=None):
     """train.py's step (la.engine.make_train_step). With bookkeeping also what train.py does around it: the LR
     scheduler step, the metric sums, and reading the stop / non-finite flags (every step on CPU, every
     32nd on CUDA, where reading a device value stalls the queue)."""
@@ -124,7 +124,7 @@ def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 32
     count = itertools.count(1)
-    train_step = engine.make_train_step(model, criterion, optimizer, prec, device, cuda_graph)
+    train_step = engine.make_train_step(model, criterion, optimizer, prec, device, cuda_graph, batch_size)
 
     def step(x, y):
         nonlocal nonfinite
@@ -185,7 +185,7 @@ def tensor_loader(ctx, args):
 def bench_train(ctx, args):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
                                    compile_model=ctx["compile"], mode=ctx["compile_mode"])
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True, ctx["graph"])
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True, ctx["graph"], args.batch_size)
     loader = tensor_loader(ctx, args)
     if ctx["compile"]:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
         *_, last = loader.batches(0)
@@ -197,7 +197,7 @@ def bench_ceiling(ctx, args):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
                                    compile_model=ctx["compile"], mode=ctx["compile_mode"])
     batch = next(tensor_loader(ctx, args).batches(0))  # already augmented, normalised, channels_last, on the device
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False, ctx["graph"])
+    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False, ctx["graph"], args.batch_size)
     return measure(step, itertools.repeat(batch), args, ctx["device"])
 
 

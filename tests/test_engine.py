@@ -35,7 +35,7 @@ def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov):
     criterion = losses.build_loss("la", [50, 20, 5, 1], 1.0, torch.device("cpu"))
     cpu = torch.device("cpu")
     (m1, o1, s1), (m2, o2, s2) = setup(nesterov), setup(nesterov)
-    graphed = engine.GraphedTrainStep(m2, criterion, o2, "fp32", cpu, graph=False)
+    graphed = engine.GraphedTrainStep(m2, criterion, o2, "fp32", cpu, batch_size=6, graph=False)
     for x, y in batches(4):  # lr 0.1, 0.05, 0.01, 0.001: a step that ignored the schedule would drift
         loss1, logits1 = engine.train_step(m1, criterion, o1, x, y, "fp32", cpu)
         loss2, logits2 = graphed(x, y)
@@ -52,7 +52,7 @@ def test_a_graphed_run_checkpoint_resumes_as_a_plain_one():
     criterion = losses.build_loss("ce", [1, 1, 1, 1], 1.0, torch.device("cpu"))
     cpu = torch.device("cpu")
     model, opt, _ = setup(False)
-    graphed = engine.GraphedTrainStep(model, criterion, opt, "fp32", cpu, graph=False)
+    graphed = engine.GraphedTrainStep(model, criterion, opt, "fp32", cpu, batch_size=6, graph=False)
     data = batches(3)
     for x, y in data[:2]:
         graphed(x, y)
@@ -91,7 +91,7 @@ def test_replayed_graph_trains_like_the_eager_step():
         model = models.build("resnet32", 10).to(cuda).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s % 2 else 0.1)  # the rate changes every step
-        step = engine.GraphedTrainStep(model, criterion, opt, "bf16", cuda, graph=graph)
+        step = engine.GraphedTrainStep(model, criterion, opt, "bf16", cuda, batch_size=32, graph=graph)
         g = torch.Generator(device=cuda).manual_seed(1)
         losses_seen = []
         for i in range(10):  # 3 eager warm-up steps, the recording, replays, and a short batch at step 7

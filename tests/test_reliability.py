@@ -466,6 +466,7 @@ CASES = [
     ("resume-other-dataset", "train", lambda d: ["--dataset", "cifar100", "--resume"], "data.dataset='cifar10'"),
     ("resume-other-recipe", "train", lambda d: ["--loss", "la", "--resume"], "loss.name='ce'"),
     ("batch-not-divisible", "train", lambda d: ["--set", "train.batch_size=33", "--overwrite"], "global batch 33 is not divisible by world size 2"),
+    ("negative-bn-batch", "train", lambda d: ["--set", "model.bn_batch=-16", "--overwrite"], "model.bn_batch must be >= 0"),
     ("cuda-graph-on-cpu", "train", lambda d: ["--set", "train.cuda_graph=true", "--device", "cpu", "--overwrite"],
      "train.cuda_graph=true needs a CUDA device"),
     ("val-larger-than-pool", "train", lambda d: ["--set", "data.val_per_class=1000", "--overwrite"], "val_per_class=1000 is larger than"),

@@ -1,0 +1,46 @@
+"""model.bn_batch: batch norm over groups of images, as plain batch norm on several GPUs computes it."""
+import torch
+from torch import nn
+
+from la import models
+
+
+def test_group_batch_norm_normalises_each_group_and_tracks_the_first():
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, 4, 4) * 3 + 1  # groups of 4: 4, 4 and a short 2, as an epoch's last batch
+    plain = nn.BatchNorm2d(3)
+    nn.init.uniform_(plain.weight), nn.init.uniform_(plain.bias)
+    grouped = models.use_group_batch_norm(nn.Sequential(plain), 4)[0]
+    assert isinstance(grouped, models.GroupBatchNorm2d) and torch.equal(grouped.weight, plain.weight)
+
+    out = grouped(x)
+    per_group = [nn.BatchNorm2d(3) for _ in range(3)]
+    expected = []
+    for bn, chunk in zip(per_group, x.split(4)):
+        bn.load_state_dict(plain.state_dict())
+        expected.append(bn(chunk))
+    assert torch.allclose(out, torch.cat(expected), atol=1e-6)
+    # like rank 0 of a DDP job: the running statistics saw the first group only, once
+    assert torch.allclose(grouped.running_mean, per_group[0].running_mean)
+    assert torch.allclose(grouped.running_var, per_group[0].running_var)
+    assert int(grouped.num_batches_tracked) == 1
+    # whole-batch statistics would differ: the test can tell the two apart
+    assert not torch.allclose(out, nn.BatchNorm2d(3).train()(x) * plain.weight.view(1, 3, 1, 1) + plain.bias.view(1, 3, 1, 1), atol=1e-3)
+
+    grouped.eval()  # evaluation is plain batch norm on the running statistics
+    per_group[0].eval()
+    assert torch.allclose(grouped(x), per_group[0](x), atol=1e-6)
+
+
+def test_group_batch_norm_over_the_whole_batch_is_plain_batch_norm_and_checkpoints_load_plainly():
+    torch.manual_seed(0)
+    plain = models.build("resnet32", 10)
+    torch.manual_seed(0)
+    grouped = models.build("resnet32", 10, bn_batch=16)
+    assert sum(isinstance(m, models.GroupBatchNorm2d) for m in grouped.modules()) == 31
+    assert grouped.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(16, 3, 32, 32)
+    assert torch.equal(grouped.train()(x), plain.train()(x))  # a batch no larger than the group: one group
+    fresh = models.build("resnet32", 10)
+    fresh.load_state_dict(grouped.state_dict())  # eval.py builds the plain network
+    assert torch.equal(fresh.eval()(x), grouped.eval()(x))
