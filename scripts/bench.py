@@ -111,7 +111,7 @@ def build_model(cfg, n_classes, device, channels_last, compile_model=False, mode
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    return (torch.compile(model, mode=mode) if compile_model else model).train(), optimizer
+    return (torch.compile(model, mode=mode, dynamic=False) if compile_model else model).train(), optimizer
 
 
 def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph=False, batch_size=None):
