@@ -49,6 +49,8 @@ class GraphedTrainStep:
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     def _step(self, x, y):
+        # the backward then allocates fresh gradients; while recording, from the graph's own memory
+        self.optimizer.zero_grad(set_to_none=True)
         with precision.autocast(self.prec, self.device, cache=False):  # a cached cast would outlive the recording
             logits = self.model(x)
         loss = self.criterion(logits.float(), y)
@@ -66,21 +68,18 @@ class GraphedTrainStep:
     def __call__(self, x, y):
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
         if not self.graph or len(y) != self.batch_size:
-            self.optimizer.zero_grad(set_to_none=True)
             return self._step(x, y)
         if self.recorded is None and self.warmup > 0:  # lets cuDNN and the allocator settle before recording
             self.warmup -= 1
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.optimizer.zero_grad(set_to_none=True)
                 out = self._step(x, y)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return out
         if self.recorded is None:
             static_x, static_y = x.clone(), y.clone()
             graph = torch.cuda.CUDAGraph()
-            self.optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates the gradients
             with torch.cuda.graph(graph):
                 out = self._step(static_x, static_y)
             self.recorded = graph, static_x, static_y, out
