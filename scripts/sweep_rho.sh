@@ -5,6 +5,7 @@
 #   bash scripts/sweep_rho.sh                                         # CIFAR-10-LT, rho 200 100 50 10, seed 0
 #   DATASET=cifar100 SEEDS="0 1 2" NPROC=2 bash scripts/sweep_rho.sh
 #   EPOCHS=20 EXTRA="--set train.eval_every=5" bash scripts/sweep_rho.sh   # shortened (and labelled so)
+#   PARALLEL=8 bash scripts/sweep_rho.sh                              # 8 runs at once on one GPU
 #
 # Re-running after an interruption continues where it stopped: finished runs are skipped, started ones resumed.
 # Every knob is an environment variable; EXTRA is split on spaces, so its values cannot contain spaces.
@@ -21,6 +22,8 @@ OUT=${OUT:-runs/sweep_${DATASET}}
 RESULTS=${RESULTS:-results}
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}            # more train.py flags, e.g. "--set train.eval_every=10"
+PARALLEL=${PARALLEL:-1}     # runs trained at the same time (separate processes sharing the device)
+MPS=${MPS:-auto}            # with PARALLEL > 1 on an NVIDIA GPU: auto starts CUDA MPS where it can, 0 never
 
 # Paths the user gives stay relative to where they run this; only our own files are found through REPO.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,6 +44,16 @@ common=(--dataset "$DATASET")
 common+=("${extra[@]}")
 eval_flags=()
 [[ -n $DATA_ROOT ]] && eval_flags+=(--data-root "$DATA_ROOT")
+
+if ! [[ $PARALLEL =~ ^[1-9][0-9]*$ ]]; then echo "PARALLEL must be a positive integer, not '$PARALLEL'" >&2; exit 2; fi
+if (( PARALLEL > 1 )); then
+    # K processes each taking every core would fight over them; a CPU run's floats can depend on its thread
+    # count, so compare CPU runs only at equal OMP_NUM_THREADS
+    : "${OMP_NUM_THREADS:=$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))}"
+    export OMP_NUM_THREADS
+    source "$REPO/scripts/mps.sh"
+    [[ $MPS == 0 ]] || mps_start
+fi
 
 launch() {
     if (( NPROC > 1 )); then
@@ -67,15 +80,40 @@ evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, s
     "$PYTHON" "$REPO/eval.py" "$dir" "${posthoc[@]}" "${eval_flags[@]}" > "$dir/eval.log"
 }
 
-echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, ${EPOCHS:-the recipe\'s} epochs, $RECIPE, $NPROC process(es) per run, into $OUT"
+one_run() {  # loss rho seed
+    train "$@" && evaluate "$@"
+}
+
+epochs_said=${EPOCHS:-"the recipe's"}
+echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $epochs_said epochs, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
+mkdir -p "$OUT"
+running=0 failed=0
 for rho in $RHOS; do
     for seed in $SEEDS; do
         for loss in ce la; do
-            train "$loss" "$rho" "$seed"
-            evaluate "$loss" "$rho" "$seed"
+            if (( PARALLEL == 1 )); then
+                one_run "$loss" "$rho" "$seed"
+                continue
+            fi
+            if (( running == PARALLEL )); then  # wait for a slot
+                wait -n || failed=$((failed + 1))
+                running=$((running - 1))
+            fi
+            log=$OUT/rho${rho}_${loss}_s${seed}.log
+            echo "== rho${rho}_${loss}_s${seed}: started, log in $log"
+            one_run "$loss" "$rho" "$seed" > "$log" 2>&1 &
+            running=$((running + 1))
         done
     done
 done
+while (( running > 0 )); do
+    wait -n || failed=$((failed + 1))
+    running=$((running - 1))
+done
+if (( failed )); then
+    echo "$failed run(s) failed; see the .log files in $OUT (re-running this command resumes them)" >&2
+    exit 1
+fi
 
 "$PYTHON" "$REPO/scripts/sweep_table.py" --dataset "$DATASET" --runs "$OUT" --rhos "$RHOS" --seeds "$SEEDS" \
     --out "$RESULTS" --config "$RECIPE"

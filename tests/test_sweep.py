@@ -54,11 +54,14 @@ def test_table_mean_std_and_missing(tmp_path):
     assert cells["Baseline", "100"]["n"] == "2"
 
 
+TINY_EXTRA = ["--set data.download=false", "--set data.val_per_class=2", "--set train.batch_size=32",
+              "--set train.precision=fp32", "--set train.compile=false"]
+
+
 def test_sweep_script_end_to_end(tmp_path, fake_root):
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
            "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"),
-           "EXTRA": "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 --set train.precision=fp32 "
-                    "--set train.compile=false"}
+           "EXTRA": " ".join(TINY_EXTRA)}
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     results = tmp_path / "results"
     for suffix in ("md", "csv", "png"):
@@ -73,3 +76,35 @@ def test_sweep_script_end_to_end(tmp_path, fake_root):
 
     again = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     assert again.stdout.count("(--resume)") == 2 and "epoch   1/1" not in again.stdout  # finished runs: not retrained
+
+
+def test_parallel_runs_equal_sequential_runs(tmp_path, fake_root):
+    """PARALLEL=2 trains CE and LA side by side; each run must be the run it would have been alone."""
+    import torch
+
+    timing = {"seconds", "img_per_s", "eval_seconds"}
+    outcome = {}
+    for parallel in ("1", "2"):
+        out = tmp_path / f"runs_p{parallel}"
+        env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "2", "PYTHON": sys.executable,
+               "OUT": str(out), "RESULTS": str(tmp_path / f"results_p{parallel}"), "PARALLEL": parallel,
+               "OMP_NUM_THREADS": "1", "EXTRA": " ".join(TINY_EXTRA)}
+        proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=180)
+        assert f"{parallel} run(s) at once" in proc.stdout
+        for loss in ("ce", "la"):
+            run_dir = out / f"rho10_{loss}_s0"
+            metrics = [{k: v for k, v in json.loads(l).items() if k not in timing}
+                       for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            weights = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+            outcome.setdefault(loss, []).append((metrics, weights, json.loads((run_dir / "eval.json").read_text())["test"]))
+        if parallel == "2":  # each run's output went to its own log, not into the other's
+            assert (out / "rho10_ce_s0.log").read_text().count("epoch   2/2") == 1
+    for loss, ((m1, w1, e1), (m2, w2, e2)) in outcome.items():
+        assert len(m1) == 2 and m1 == m2, loss
+        assert e1 == e2, loss
+        assert all(torch.equal(w1[k], w2[k]) for k in w1), loss
+
+
+def test_parallel_must_be_a_count(tmp_path):
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env={"PARALLEL": "two"}, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "PARALLEL must be a positive integer, not 'two'"
