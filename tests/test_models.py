@@ -1,13 +1,16 @@
 """model.bn_batch: batch norm over groups of images, as plain batch norm on several GPUs computes it."""
+import pytest
 import torch
 from torch import nn
 
 from la import models
 
 
-def test_group_batch_norm_normalises_each_group_and_tracks_the_first():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_batch_norm_normalises_each_group_and_tracks_the_first(memory_format):
     torch.manual_seed(0)
-    x = torch.randn(10, 3, 4, 4) * 3 + 1  # groups of 4: 4, 4 and a short 2, as an epoch's last batch
+    x = torch.randn(10, 3, 4, 5) * 3 + 1  # groups of 4: 4, 4 and a short 2, as an epoch's last batch
+    x = x.contiguous(memory_format=memory_format)
     plain = nn.BatchNorm2d(3)
     nn.init.uniform_(plain.weight), nn.init.uniform_(plain.bias)
     grouped = models.use_group_batch_norm(nn.Sequential(plain), 4)[0]
@@ -20,6 +23,9 @@ def test_group_batch_norm_normalises_each_group_and_tracks_the_first():
         bn.load_state_dict(plain.state_dict())
         expected.append(bn(chunk))
     assert torch.allclose(out, torch.cat(expected), atol=1e-6)
+    out.backward(torch.arange(out.numel(), dtype=torch.float).view_as(out).sin())  # gradients too
+    torch.cat(expected).backward(torch.arange(out.numel(), dtype=torch.float).view_as(out).sin())
+    assert torch.allclose(grouped.weight.grad, sum(bn.weight.grad for bn in per_group), atol=1e-5)
     # like rank 0 of a DDP job: the running statistics saw the first group only, once
     assert torch.allclose(grouped.running_mean, per_group[0].running_mean)
     assert torch.allclose(grouped.running_var, per_group[0].running_var)
