@@ -79,7 +79,10 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    prec = precision.resolve(cfg.train.precision, ctx.device)
+    # 'auto': the precision the run trained in (la.autotune may have measured it) on this kind of device
+    runtime = ckpt.get("runtime") or {}
+    same_device = runtime.get("device") == ctx.device.type
+    prec = runtime["precision"] if cfg.train.precision == "auto" and same_device else precision.resolve(cfg.train.precision, ctx.device)
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):

@@ -21,13 +21,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, models, precision
+from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, precision
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
                      "train.save_every", "train.eval_batch_size", "train.compile",
                      "train.compile_mode", "train.cuda_graph", "train.out"}
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "eval.json", "logits.pt")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "eval.json", "logits.pt")
 
 
 def parse_args(argv):
@@ -143,9 +143,6 @@ def train(cfg, args, ctx):
     # ---- data: every rank builds the same subset; the hashes prove it
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
-    prec = precision.resolve(tc.precision, ctx.device)
-    use_compile = precision.resolve_compile(tc.compile, ctx.device)
-    use_graph = precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, use_compile)
     loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
@@ -164,7 +161,7 @@ def train(cfg, args, ctx):
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
 
-    start_epoch, start_step, partial = 0, 0, torch.zeros(3, dtype=torch.float64)
+    start_epoch, start_step, partial, saved_runtime = 0, 0, torch.zeros(3, dtype=torch.float64), None
     if args.resume:
         ckpt = checkpoint.load(run_dir / "checkpoint.pt")
         check_resumable(cfg, ckpt["config"])
@@ -175,6 +172,9 @@ def train(cfg, args, ctx):
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step"]
+        saved_runtime = ckpt.get("runtime") or {  # checkpoints from before la.autotune: the static rules
+            "precision": precision.resolve(ckpt["config"]["train"]["precision"], ctx.device),
+            "compile": precision.resolve_compile(ckpt["config"]["train"]["compile"], ctx.device)}
         if start_epoch > tc.epochs or (start_epoch == tc.epochs and start_step):
             raise UserError(f"{run_dir} has trained {start_epoch} epochs, more than the {tc.epochs} asked for")
         partial = ckpt["partial"] if ctx.is_main else partial
@@ -196,21 +196,30 @@ def train(cfg, args, ctx):
     raw_model = model
     if ctx.distributed:
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    if use_compile:
+
+    def compile_model():
         if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
             torch._dynamo.config.suppress_errors = True
         # static shapes: one graph at the first step, one more for the short last batch; a dynamic-shape graph
         # (what torch.compile makes after a second batch size) ran 7 % slower here
-        model = torch.compile(model, mode=tc.compile_mode, dynamic=False)
-    train_step = engine.make_train_step(model, criterion, optimizer, prec, ctx.device, use_graph, tc.batch_size)
+        return torch.compile(model, mode=tc.compile_mode, dynamic=False)
+
+    probe = autotune.Probe(model, raw_model, criterion, optimizer, lambda: next(loader.batches(0)), ctx.device,
+                           engine.make_train_step)
+    steps_left = (tc.epochs - start_epoch) * steps_per_epoch - start_step
+    runtime, compiled = autotune.choose(tc, cfg.model, ctx, probe, compile_model, steps_left, saved_runtime)
+    model = model if compiled is None else compiled
+    if ctx.is_main:
+        (run_dir / "runtime.json").write_text(json.dumps(runtime.to_dict(), indent=1) + "\n")
+    train_step = engine.make_train_step(model, criterion, optimizer, runtime.precision, ctx.device, runtime.cuda_graph,
+                                        tc.batch_size)
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
         f"({models.num_params(raw_model) / 1e6:.2f}M params{f', batch norm over {cfg.model.bn_batch} images' if cfg.model.bn_batch else ''}), "
         f"loss={cfg.loss.name}"
         f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
-        f"precision {prec}{' (auto)' if tc.precision == 'auto' else ''}, compile {'on' if use_compile else 'off'}"
-        f"{' (auto)' if tc.compile == 'auto' else ''}{', CUDA graph' if use_graph else ''}, {cfg.data.loader} loader, global batch {tc.batch_size}")
+        f"{runtime.describe()}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
     if late:  # a shortened run (--epochs 20) keeps the recipe's milestones unless told otherwise
@@ -220,7 +229,7 @@ def train(cfg, args, ctx):
     check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags
     save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "step": step, "partial": partial_sums, "rng": rng_state(),
+        "epoch": epoch, "step": step, "partial": partial_sums, "rng": rng_state(), "runtime": runtime.to_dict(),
         "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
     }, run_dir / "checkpoint.pt")
 
@@ -269,7 +278,7 @@ def train(cfg, args, ctx):
             t1 = time.perf_counter()
             for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
                 if len(y_split):
-                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, prec, tc.channels_last, tc.eval_batch_size)
+                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, runtime.precision, tc.channels_last, tc.eval_batch_size)
                     record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
             record["eval_seconds"] = time.perf_counter() - t1
         record.update({"seconds": train_seconds, "img_per_s": (float(totals[2]) - resumed_images) / train_seconds})

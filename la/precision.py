@@ -1,6 +1,10 @@
-"""The fastest numerics the hardware supports: bf16 autocast where it runs natively, torch.compile where it pays."""
+"""What the hardware offers: bf16 autocast, a C++ compiler for torch.compile, CUDA graphs; and the static rules
+`auto` follows where nothing is measured (on CUDA, and in eval.py). On a CPU, train.py measures instead
+(la.autotune)."""
 import contextlib
+import functools
 import os
+import platform
 import shutil
 
 import torch
@@ -17,8 +21,28 @@ def cpu_has_bf16():
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_runs_bf16():
+    """Whether bf16 autocast works on this CPU at all (fast or not: la.autotune measures that)."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1))
+        return out.dtype == torch.bfloat16
+    except (RuntimeError, TypeError):
+        return False
+
+
 def resolve(name, device):
-    """'auto' -> 'bf16' on CUDA with bf16 or a CPU with AVX-512 bf16 / AMX, else 'fp32'."""
+    """The static rule: 'auto' -> 'bf16' on CUDA with bf16 or a CPU with AVX-512 bf16 / AMX, else 'fp32'."""
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -40,8 +64,8 @@ def cxx_compiler():
 
 
 def resolve_compile(setting, device):
-    """'auto' -> on for CPUs with a C++ compiler (1.10-1.24x here, see BENCHMARKS.md), off on CUDA, where
-    train.cuda_graph replays the whole step instead (3.7x the eager loop on an H100, compile 1.11x on an H200)."""
+    """The static rule: 'auto' -> on for CPUs with a C++ compiler, off on CUDA, where train.cuda_graph replays
+    the whole step instead (3.7x the eager loop on an H100, compile 1.11x on an H200)."""
     if setting != "auto":
         return setting == "true"
     return device.type == "cpu" and cxx_compiler() is not None

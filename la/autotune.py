@@ -1,0 +1,220 @@
+"""train.precision=auto and train.compile=auto on a CPU: time the real training step in each candidate, keep the faster.
+
+Which precision is fast is not written in the CPU's flags: on a Xeon with AVX-512 bf16 and AMX, bf16 ran a
+ResNet-32 step 2.5x faster than fp32; on a Xeon that reports the AVX-512 bf16 flag but has no AMX, bf16 was the
+slower kind (BENCHMARKS.md). So `auto` measures, once per machine and model:
+
+- precision: a few steps in fp32 and in bf16 (where bf16 autocast runs at all), eager; bf16 is kept only
+  where it is faster by more than MARGIN (it also costs a little accuracy);
+- compile: the compiled step against the eager one at the chosen precision, after warm-up, kept only where
+  faster by more than MARGIN; not even tried where the run's eager training time left is under
+  COMPILE_MIN_RUN_S (compiling costs about a minute and a half per start here: a short run would pay for it
+  and never earn it back).
+
+The steps are taken on the run's own model, optimizer and first batch; the model's and optimizer's state and
+the random number generators are restored afterwards, so the run is the one an explicit setting would train.
+Timings are cached per machine and model (`cache_file()`), so later runs start at once. On CUDA nothing is
+measured: bf16 where supported, no compile, the CUDA graph (la.precision's static rules).
+"""
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from la import dist, precision
+
+MARGIN = 0.05             # a candidate must be this much faster per step to replace the simpler one
+COMPILE_MIN_RUN_S = 900   # eager training seconds left below which compiling is not tried
+WARMUP_STEPS, TIMED_STEPS = 2, 5
+
+
+@dataclass
+class Runtime:
+    """How a run trains: decided once, recorded in the run directory and the checkpoint."""
+    device: str                                   # cpu | cuda: what the choice was made for
+    precision: str
+    compile: bool
+    cuda_graph: bool
+    why: dict = field(default_factory=dict)       # setting -> how it was decided, for the start-up line
+    timings: dict = field(default_factory=dict)   # seconds per step of each candidate measured or cached
+
+    def to_dict(self):
+        return {"device": self.device, "precision": self.precision, "compile": self.compile, "cuda_graph": self.cuda_graph,
+                "why": self.why, "seconds_per_step": self.timings}
+
+    def describe(self):
+        """'precision fp32 (auto: measured fp32 0.412 s/step, bf16 0.861 s/step)' and the like."""
+        def part(name, value):
+            why = self.why.get(name)
+            return f"{name} {value}" + (f" ({why})" if why else "")
+        return ", ".join([part("precision", self.precision), part("compile", "on" if self.compile else "off")]
+                         + (["CUDA graph"] if self.cuda_graph else []))
+
+
+# ---------------------------------------------------------------- the decisions, from timings alone
+
+def pick_precision(timings):
+    """fp32 unless bf16 is measurably faster."""
+    if "bf16" in timings and timings["bf16"] < timings["fp32"] * (1 - MARGIN):
+        return "bf16"
+    return "fp32"
+
+
+def pick_compile(eager, compiled):
+    return compiled < eager * (1 - MARGIN)
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_file():
+    root = os.environ.get("LA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "logit-adjustment"
+    return Path(root) / "autotune.json"
+
+
+def cache_key(model_cfg, per_rank_batch, channels_last, world_size):
+    return " | ".join([precision.cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+                       f"{world_size} process(es)", model_cfg.name, f"bn_batch {model_cfg.bn_batch}",
+                       f"batch {per_rank_batch}", "channels_last" if channels_last else "nchw"])
+
+
+def read_cache(key):
+    try:
+        return dict(json.loads(cache_file().read_text()).get(key, {}))
+    except (OSError, ValueError, AttributeError):
+        return {}  # no cache or an unreadable one: measure again
+
+
+def write_cache(key, timings):
+    path = cache_file()
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = timings
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the next run measures again
+
+
+# ---------------------------------------------------------------- measuring
+
+class Probe:
+    """Times training steps on the run's own objects and puts everything back afterwards."""
+
+    def __init__(self, model, raw_model, criterion, optimizer, first_batch, device, make_step):
+        self.model, self.raw_model, self.criterion, self.optimizer = model, raw_model, criterion, optimizer
+        self.first_batch, self.device, self.make_step = first_batch, device, make_step  # first_batch: () -> (x, y)
+
+    def seconds_per_step(self, prec, model=None):
+        """Median seconds of TIMED_STEPS steps after WARMUP_STEPS (a compiled model compiles in its first)."""
+        x, y = self.first_batch()
+        step = self.make_step(self.model if model is None else model, self.criterion, self.optimizer, prec, self.device, False, len(y))
+        saved = copy.deepcopy((self.raw_model.state_dict(), self.optimizer.state_dict()))
+        times = []
+        with torch.random.fork_rng(devices=[]):
+            for i in range(WARMUP_STEPS + TIMED_STEPS):
+                t0 = time.perf_counter()
+                step(x, y)
+                if i >= WARMUP_STEPS:
+                    times.append(time.perf_counter() - t0)
+        self.raw_model.load_state_dict(saved[0])  # in place: a compiled model's guards still hold
+        self.optimizer.load_state_dict(saved[1])
+        self.optimizer.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+
+def _agree(values, keys, ctx):
+    """Every rank's timings summed and averaged, so all ranks take the same decision."""
+    if not ctx.distributed:
+        return values
+    t = dist.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)).cpu()
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, t)}
+
+
+KEYS = ("fp32", "bf16", "compiled_fp32", "compiled_bf16")  # eager and compiled seconds per step, per precision
+
+
+def _main_cache(key, ctx):
+    """Rank 0's cache entry on every rank (ranks on other nodes may have other caches, or none)."""
+    entry = read_cache(key) if ctx.is_main else {}
+    if not ctx.distributed:
+        return {k: float(v) for k, v in entry.items() if k in KEYS}
+    t = torch.tensor([float(entry.get(k, -1.0)) if ctx.is_main else 0.0 for k in KEYS], dtype=torch.float64, device=ctx.device)
+    t = dist.all_reduce_sum(t).cpu()
+    return {k: float(v) for k, v in zip(KEYS, t) if v >= 0}
+
+
+def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, timer=None):
+    """(Runtime of this run, the model compiled if it trains compiled, else None).
+
+    tc: the config's train section; probe: a Probe; compile_model: () -> the compiled model; steps_left:
+    training steps this process will take; saved: the Runtime dict of a checkpoint being resumed;
+    timer: (precision, compiled model or None) -> seconds per step, in place of the probe (tests plant timings).
+    """
+    if saved and saved.get("device", ctx.device.type) != ctx.device.type:
+        saved = None  # moved to another kind of device: decide afresh for this one
+    if saved:  # a resumed run trains as it started; explicit settings still win (compile may change on resume)
+        prec = saved["precision"] if tc.precision == "auto" else tc.precision
+        use_compile = saved["compile"] if tc.compile == "auto" else tc.compile == "true"
+        why = {k: "as the run started" for k in ("precision", "compile") if getattr(tc, k) == "auto"}
+        return _finish(tc, ctx, prec, use_compile, why, saved.get("seconds_per_step", {}), compile_model)
+    if ctx.device.type != "cpu" or (tc.precision != "auto" and tc.compile != "auto"):
+        why = {k: "auto" for k in ("precision", "compile") if getattr(tc, k) == "auto"}
+        return _finish(tc, ctx, precision.resolve(tc.precision, ctx.device),
+                       precision.resolve_compile(tc.compile, ctx.device), why, {}, compile_model)
+
+    measure = timer or probe.seconds_per_step
+    key = cache_key(model_cfg, tc.batch_size // ctx.world_size, tc.channels_last, ctx.world_size)
+    timings, why = _main_cache(key, ctx), {}
+
+    def get(name, prec, model=None):  # seconds per step, from the cache or measured now (on every rank)
+        if name not in timings:
+            timings[name] = _agree({name: measure(prec, model)}, [name], ctx)[name]
+            timings.setdefault("measured", []).append(name)
+        return timings[name]
+
+    def said(names):
+        how = "measured" if any(n in timings.get("measured", ()) for n in names) else "cached"
+        return f"auto, {how}: " + ", ".join(f"{n} {timings[n]:.3g} s/step" for n in names)
+
+    prec = tc.precision
+    if prec == "auto":
+        candidates = ["fp32"] + (["bf16"] if precision.cpu_runs_bf16() else [])
+        prec = pick_precision({c: get(c, c) for c in candidates})
+        why["precision"] = said(candidates)
+    compiled = None
+    if tc.compile != "auto":
+        use_compile = tc.compile == "true"
+    elif precision.cxx_compiler() is None:
+        use_compile, why["compile"] = False, "auto: no C++ compiler"
+    elif f"compiled_{prec}" not in timings and get(prec, prec) * steps_left < COMPILE_MIN_RUN_S:
+        use_compile = False
+        left = get(prec, prec) * steps_left
+        why["compile"] = f"auto: {f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} of eager training left, too short to compile for"
+    else:
+        if f"compiled_{prec}" not in timings:
+            compiled = compile_model()
+        use_compile = pick_compile(get(prec, prec), get(f"compiled_{prec}", prec, compiled))
+        why["compile"] = said([prec, f"compiled_{prec}"]).replace(f"{prec} ", "eager ", 1)
+    measured = timings.pop("measured", [])
+    if ctx.is_main and measured:
+        write_cache(key, timings)
+    if use_compile and compiled is None:
+        compiled = compile_model()
+    runtime = Runtime(ctx.device.type, prec, use_compile, False, why, timings)
+    return runtime, compiled if use_compile else None
+
+
+def _finish(tc, ctx, prec, use_compile, why, timings, compile_model):
+    graph = precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, use_compile)
+    return Runtime(ctx.device.type, prec, use_compile, graph, why, timings), (compile_model() if use_compile else None)

@@ -1,0 +1,132 @@
+"""train.precision=auto / train.compile=auto on a CPU: decisions follow timings (planted here, never measured for
+an assertion), explicit settings are obeyed, the measuring leaves the run untouched, and a resumed run keeps its
+precision."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run
+from la import autotune, config, precision
+
+CPU = SimpleNamespace(device=torch.device("cpu"), world_size=1, distributed=False, is_main=True, rank=0)
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+    """A CPU with a C++ compiler where bf16 runs, and an empty timing cache."""
+    monkeypatch.setenv("LA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(precision, "cpu_runs_bf16", lambda: True)
+
+
+def choose(planted, steps_left=10_000, keep_cache=False, **settings):
+    """autotune.choose with planted seconds per step; returns (runtime, compiled model or None, timer calls)."""
+    if not keep_cache:
+        autotune.cache_file().unlink(missing_ok=True)
+    tc = config.Train(**settings)
+    calls = []
+
+    def timer(prec, model=None):
+        name = prec if model is None else f"compiled_{prec}"
+        calls.append(name)
+        return planted[name]
+
+    runtime, compiled = autotune.choose(tc, config.Model(), CPU, None, lambda: "compiled model", steps_left, timer=timer)
+    return runtime, compiled, calls
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [(2.0, 1.0, "bf16"), (1.0, 2.0, "fp32"),
+                                                  (1.0, 0.97, "fp32")])  # within the margin: the simpler one
+def test_auto_trains_in_the_precision_the_timings_say_is_faster(machine, fp32, bf16, expected):
+    runtime, _, calls = choose({"fp32": fp32, "bf16": bf16, "compiled_fp32": 9.0, "compiled_bf16": 9.0})
+    assert runtime.precision == expected
+    assert {"fp32", "bf16"} <= set(calls)
+    assert "measured" in runtime.why["precision"] and f"bf16 {bf16:.3g} s/step" in runtime.why["precision"]
+
+
+def test_compile_is_kept_only_where_measurably_faster(machine):
+    runtime, compiled, _ = choose({"fp32": 1.0, "bf16": 2.0, "compiled_fp32": 0.8})
+    assert runtime.compile is True and compiled == "compiled model"
+    runtime, compiled, _ = choose({"fp32": 1.0, "bf16": 2.0, "compiled_fp32": 1.1}, precision="fp32")
+    assert runtime.compile is False and compiled is None
+
+
+def test_a_short_run_never_compiles(machine):
+    runtime, compiled, calls = choose({"fp32": 1.0, "bf16": 2.0, "compiled_fp32": 0.1}, steps_left=100)
+    assert runtime.compile is False and compiled is None
+    assert "compiled_fp32" not in calls and "too short to compile" in runtime.why["compile"]
+
+
+def test_explicit_settings_are_obeyed_and_nothing_is_measured(machine):
+    runtime, compiled, calls = choose({}, precision="bf16", compile="false")
+    assert (runtime.precision, runtime.compile, calls) == ("bf16", False, [])
+
+
+def test_timings_are_cached_per_machine_and_model(machine):
+    planted = {"fp32": 1.0, "bf16": 0.5, "compiled_bf16": 0.3}
+    first, _, calls = choose(planted)
+    assert sorted(calls) == ["bf16", "compiled_bf16", "fp32"]
+    second, _, calls = choose(planted, keep_cache=True)
+    assert calls == [] and (second.precision, second.compile) == ("bf16", True)
+    assert "cached" in second.why["precision"]
+    other, _ = autotune.choose(config.Train(), config.Model(name="resnet34"), CPU, None, lambda: "c", 10_000,
+                               timer=lambda p, m=None: 1.0)
+    assert other.why["precision"].startswith("auto, measured")  # another model: measured, not taken from resnet32
+
+
+def plant(cache_dir, fp32, bf16):
+    """The timing cache train.py reads for the TINY runs below (1 thread, batch 32, resnet32, channels_last)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # conftest.run gives the subprocess OMP_NUM_THREADS=1
+    try:
+        key = autotune.cache_key(config.Model(), 32, True, 1)
+    finally:
+        torch.set_num_threads(threads)
+    cache_dir.mkdir(exist_ok=True)
+    (cache_dir / "autotune.json").write_text(json.dumps({key: {"fp32": fp32, "bf16": bf16}}))
+
+
+def auto(args):
+    """TINY with precision back at auto (compile stays off: a one-epoch run would never compile anyway)."""
+    i = args.index("train.precision=fp32")
+    return args[:i] + ["train.precision=auto"] + args[i + 1:]
+
+
+def test_train_py_follows_planted_timings_and_a_resumed_run_keeps_its_precision(fake_root, tmp_path):
+    cache = tmp_path / "cache"
+    env = {"LA_CACHE_DIR": str(cache)}
+    plant(cache, fp32=2.0, bf16=1.0)
+    out = tmp_path / "run"
+    proc = run([REPO / "train.py", "--data-root", fake_root, "--out", out, "--epochs", "1"] + auto(TINY), tmp_path, env=env)
+    assert "precision bf16 (auto, cached: fp32 2 s/step, bf16 1 s/step)" in proc.stdout
+    assert json.loads((out / "runtime.json").read_text())["precision"] == "bf16"
+
+    plant(cache, fp32=1.0, bf16=2.0)  # the machine changed its mind: a new run follows, the started one does not
+    proc = run([REPO / "train.py", "--data-root", fake_root, "--out", out, "--epochs", "2", "--resume"] + auto(TINY),
+               tmp_path, env=env)
+    assert "precision bf16 (as the run started)" in proc.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["runtime"]["precision"] == "bf16"
+    proc = run([REPO / "train.py", "--data-root", fake_root, "--out", tmp_path / "new", "--epochs", "1"] + auto(TINY),
+               tmp_path, env=env)
+    assert "precision fp32 (auto, cached" in proc.stdout
+
+
+def test_measuring_leaves_the_run_as_an_explicit_setting_would_train_it(fake_root, tmp_path):
+    env = {"LA_CACHE_DIR": str(tmp_path / "empty_cache")}
+    common = [REPO / "train.py", "--data-root", fake_root, "--epochs", "2"]
+    run(common + ["--out", tmp_path / "auto"] + auto(TINY), tmp_path, env=env)
+    chosen = json.loads((tmp_path / "auto" / "runtime.json").read_text())
+    assert "measured" in chosen["why"]["precision"]
+    explicit = TINY[:TINY.index("train.precision=fp32")] + [f"train.precision={chosen['precision']}"] \
+        + TINY[TINY.index("train.precision=fp32") + 1:]
+    run(common + ["--out", tmp_path / "explicit"] + explicit, tmp_path, env=env)
+    timing = {"seconds", "img_per_s", "eval_seconds"}
+    lines = {name: [{k: v for k, v in json.loads(l).items() if k not in timing}
+                    for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("auto", "explicit")}
+    assert lines["auto"] == lines["explicit"]
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False) for name in ("auto", "explicit"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+               for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
