@@ -3,13 +3,21 @@
     python scripts/bench.py                                  # CUDA when available, CIFAR-10-LT rho=100
     python scripts/bench.py --device cpu --json results/bench_cpu.json
     python scripts/bench.py --device cpu --compile false --json results/bench_cpu_eager.json
+    python scripts/bench.py --concurrent 1 2 4 8            # aggregate (b) of K runs training at once
+    python scripts/bench.py --model resnet34 --bn-batch 16  # the seed recipe's network and batch norm
 
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
     2 DataLoader workers (la.data.TorchvisionLoader).
 (b) train:     train.py's inner loop at the recipe defaults: uint8 data on the device with batched tensor
-    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto', cuda_graph 'auto'.
+    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto', cuda_graph 'auto'
+    (on a CPU, 'auto' times the candidates as train.py does: la.autotune). On a CPU, (b) is also measured at
+    every fixed precision and compile setting (--grid), so the figure shows what 'auto' chose and what it left.
 (c) ceiling:   (b)'s model, precision, compilation, CUDA graph and optimizer step on one fixed, pre-normalised batch:
-    no data pipeline, no bookkeeping. (b) cannot beat it, so (b)/(c) says how much the pipeline costs.
+    no data pipeline, no bookkeeping, so (b)/(c) says how much the pipeline costs.
+
+--concurrent K [K ...] measures instead the aggregate images per second of K copies of (b) training at the same
+time on the one device, as `PARALLEL=K scripts/sweep_rho.sh` trains them (K processes; start CUDA MPS first
+to let their kernels overlap: scripts/mps.sh), and the full runs per hour that follow.
 
 Each figure is the median of timed windows after warm-up. Windows run on across epoch boundaries, so
 per-epoch costs (a new permutation, the reference's DataLoader worker start-up) land in the windows
@@ -27,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
 
-from la import UserError, run_cli, config, data, engine, losses, models, precision  # noqa: E402
+from la import UserError, run_cli, autotune, config, data, engine, losses, models, precision  # noqa: E402
 
 DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
 
@@ -59,11 +68,15 @@ def parse_args(argv):
                    help="torch.compile's mode, as train.compile_mode")
     p.add_argument("--cuda-graph", choices=config.CHOICES["train.cuda_graph"], default="auto",
                    help="record (b)'s and (c)'s step as one CUDA graph, as train.cuda_graph; (a) never is")
+    p.add_argument("--bn-batch", type=int, default=0, help="model.bn_batch: batch norm over groups of N training images")
+    p.add_argument("--grid", choices=("auto", "yes", "no"), default="auto",
+                   help="also measure (b) at every fixed precision and compile setting (auto: on a CPU)")
+    p.add_argument("--concurrent", type=int, nargs="+", metavar="K", help="instead: K runs at once, for each K given")
     p.add_argument("--skip-reference", action="store_true", help="do not measure (a)")
     p.add_argument("--json", help="default: results/bench_{device}.json")
     args = p.parse_args(argv)
-    if min(args.windows, args.window_steps, args.batch_size) < 1 or args.warmup_steps < 0:
-        p.error("--windows, --window-steps and --batch-size must be >= 1, --warmup-steps >= 0")
+    if min(args.windows, args.window_steps, args.batch_size, *(args.concurrent or [1])) < 1 or min(args.warmup_steps, args.bn_batch) < 0:
+        p.error("--windows, --window-steps, --batch-size and --concurrent must be >= 1, --warmup-steps and --bn-batch >= 0")
     return args
 
 
@@ -95,6 +108,10 @@ def train_set(cfg, synthetic):
     return splits.train_x, splits.train_y, f"{cfg.data.dataset} at {Path(cfg.data.root).resolve()}"
 
 
+def make_criterion(cfg, y, n_classes, device):
+    return losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau, device)
+
+
 def endless(loader):
     """Batches across epoch boundaries, as train.py's epochs follow one another."""
     for epoch in itertools.count():
@@ -106,7 +123,7 @@ def endless(loader):
 def build_model(cfg, n_classes, device, channels_last, compile_model=False, mode="default"):
     """(model to call, optimizer): the model compiled when asked, as train.py does; the first steps compile it."""
     torch.manual_seed(0)  # every figure starts from the same weights
-    model = models.build(cfg.model.name, n_classes).to(device)
+    model = models.build(cfg.model.name, n_classes, cfg.model.bn_batch).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
@@ -182,23 +199,108 @@ def tensor_loader(ctx, args):
                              channels_last=True, augment=True)
 
 
-def bench_train(ctx, args):
+def bench_train(ctx, args, prec, compiled, graph):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
-                                   compile_model=ctx["compile"], mode=ctx["compile_mode"])
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], True, ctx["graph"], args.batch_size)
+                                   compile_model=compiled, mode=ctx["compile_mode"])
+    step = make_step(model, ctx["criterion"], optimizer, prec, ctx["device"], True, graph, args.batch_size)
     loader = tensor_loader(ctx, args)
-    if ctx["compile"]:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
+    if compiled:  # an epoch's short last batch compiles a second graph: do it now, not inside a window
         *_, last = loader.batches(0)
         step(*last)
     return measure(step, endless(loader), args, ctx["device"])
 
 
-def bench_ceiling(ctx, args):
+def bench_ceiling(ctx, args, prec, compiled, graph):
     model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
-                                   compile_model=ctx["compile"], mode=ctx["compile_mode"])
+                                   compile_model=compiled, mode=ctx["compile_mode"])
     batch = next(tensor_loader(ctx, args).batches(0))  # already augmented, normalised, channels_last, on the device
-    step = make_step(model, ctx["criterion"], optimizer, ctx["prec"], ctx["device"], False, ctx["graph"], args.batch_size)
+    step = make_step(model, ctx["criterion"], optimizer, prec, ctx["device"], False, graph, args.batch_size)
     return measure(step, itertools.repeat(batch), args, ctx["device"])
+
+
+def resolve_defaults(ctx, args):
+    """What train.py would train a full run of this recipe in: la.autotune's choice (measured or cached on a CPU)."""
+    cfg, device = ctx["cfg"], ctx["device"]
+    model, optimizer = build_model(cfg, ctx["n_classes"], device, channels_last=True)
+    loader = tensor_loader(ctx, args)
+    probe = autotune.Probe(model, model, ctx["criterion"], optimizer, lambda: next(loader.batches(0)), device,
+                           engine.make_train_step)
+    one = SimpleNamespace(device=device, world_size=1, distributed=False, is_main=True)
+    steps = cfg.train.epochs * loader.steps(0)
+    runtime, _ = autotune.choose(cfg.train, cfg.model, one, probe,
+                                 lambda: torch.compile(model, mode=ctx["compile_mode"], dynamic=False), steps)
+    return runtime
+
+
+def grid(ctx, args):
+    """Every fixed (precision, compiled) setting this machine can run, for (b) beside the defaults; a setting
+    given on the command line (--precision, --compile) is not varied."""
+    if ctx["device"].type != "cpu" and args.grid != "yes" or args.grid == "no":
+        return []
+    cuda = ctx["device"].type == "cuda"
+    precs = ["fp32"] + (["bf16"] if cuda or precision.cpu_runs_bf16() else [])
+    compiles = [False] + ([True] if cuda or precision.cxx_compiler() else [])
+    precs = precs if args.precision == "auto" else [args.precision]
+    compiles = compiles if args.compile == "auto" else [args.compile == "true"]
+    return [(p, c) for p in precs for c in compiles]
+
+
+# ---------------------------------------------------------------- K runs at once
+
+def _concurrent_worker(i, spec, barrier, results):
+    """One of K processes: (b) at the given settings, timed between a common start and its own end."""
+    torch.set_num_threads(spec["threads"])
+    ctx, args = spec["ctx"], spec["args"]
+    ctx["device"] = torch.device(ctx["device"])
+    ctx["criterion"] = make_criterion(ctx["cfg"], ctx["y"], ctx["n_classes"], ctx["device"])
+    model, optimizer = build_model(ctx["cfg"], ctx["n_classes"], ctx["device"], channels_last=True,
+                                   compile_model=spec["compiled"], mode=ctx["compile_mode"])
+    step = make_step(model, ctx["criterion"], optimizer, spec["precision"], ctx["device"], True, spec["graph"], args.batch_size)
+    loader = tensor_loader(ctx, args)
+    if spec["compiled"]:
+        *_, last = loader.batches(0)
+        step(*last)
+    batches = endless(loader)
+    for _ in range(args.warmup_steps):
+        step(*next(batches))
+    sync(ctx["device"])
+    barrier.wait()
+    t0, n = time.monotonic(), 0  # CLOCK_MONOTONIC: one clock for every process of the machine
+    for _ in range(args.windows * args.window_steps):
+        x, y = next(batches)
+        step(x, y)
+        n += len(y)
+    sync(ctx["device"])
+    results.put((i, n, t0, time.monotonic()))
+
+
+def bench_concurrent(ctx, args, runtime, n_train):
+    """For each K: K processes train at once; aggregate images/s over the span from the common start to the
+    last one's end, and the full runs per hour that follow."""
+    import multiprocessing as mp
+    spawn = mp.get_context("spawn")
+    rows = []
+    for k in args.concurrent:
+        threads = max(1, torch.get_num_threads() // k) if ctx["device"].type == "cpu" else torch.get_num_threads()
+        sent = {k: v for k, v in ctx.items() if k != "criterion"}  # a closure: each worker builds its own
+        spec = {"ctx": {**sent, "device": str(ctx["device"])}, "args": args, "threads": threads,
+                "precision": runtime.precision, "compiled": runtime.compile, "graph": runtime.cuda_graph}
+        barrier, results = spawn.Barrier(k), spawn.Queue()
+        print(f"measuring {k} run(s) at once ({threads} thread(s) each) ...", flush=True)
+        procs = [spawn.Process(target=_concurrent_worker, args=(i, spec, barrier, results)) for i in range(k)]
+        for p in procs:
+            p.start()
+        got = [results.get() for _ in procs]
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise UserError(f"a worker of --concurrent {k} failed (exit {[p.exitcode for p in procs]})")
+        span = max(r[3] for r in got) - min(r[2] for r in got)
+        aggregate = sum(r[1] for r in got) / span
+        rows.append({"k": k, "threads_each": threads, "aggregate_img_per_s": aggregate,
+                     "per_run_img_per_s": [r[1] / (r[3] - r[2]) for r in sorted(got)],
+                     "full_runs_per_hour": aggregate * 3600 / (n_train * ctx["cfg"].train.epochs)})
+    return rows
 
 
 def gflop_per_image(cfg, n_classes):
@@ -211,13 +313,14 @@ def gflop_per_image(cfg, n_classes):
 
 # ---------------------------------------------------------------- report
 
-def cpu_name():
+def cpu_flags():
+    """The CPU features that decide which precision is fast: AVX-512 (with bf16) and AMX."""
     try:
         with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
     except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "unknown"
+        flags = []
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
 
 
 def git(*cmd):
@@ -238,9 +341,10 @@ def git_commit():
 def machine(device):
     commit, dirty = git_commit()
     return {
-        "platform": platform.platform(), "processor": platform.processor(), "cpu": cpu_name(),
+        "platform": platform.platform(), "processor": platform.processor(), "cpu": precision.cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else precision.cpu_name(),
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
     }
 
@@ -248,6 +352,9 @@ def machine(device):
 def derive(figures, gflop, n_train, epochs):
     ratio = lambda a, b: figures[a]["img_per_s"] / figures[b]["img_per_s"] if a in figures and b in figures else None
     ratios = {"train_over_reference": ratio("train", "reference"), "train_over_ceiling": ratio("train", "ceiling")}
+    fixed = [n for n in figures if n.startswith("train_")]
+    if fixed:  # the defaults against the best fixed setting: what 'auto' left on the table
+        ratios["train_over_best_fixed"] = ratio("train", max(fixed, key=lambda n: figures[n]["img_per_s"]))
     estimates = {}
     for name, fig in figures.items():
         if name != "ceiling":
@@ -259,13 +366,30 @@ def derive(figures, gflop, n_train, epochs):
 LABELS = {"reference": "(a) reference", "train": "(b) train.py loop", "ceiling": "(c) bare step"}
 
 
+def label(name):
+    """'(b) fp32 compiled' for the grid's figures, LABELS otherwise."""
+    return LABELS.get(name) or "(b) " + name.removeprefix("train_").replace("_", " ")
+
+
 def print_report(res):
     m, r = res["machine"], res
-    print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {m['git_commit']}")
-    print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}, loss {r['loss']}, batch {r['batch_size']}")
+    print(f"\n{m['device_name']} ({m['device']}; {' '.join(m['cpu_flags']) or 'no AVX'}), {m['torch_threads']} torch threads, "
+          f"torch {m['torch']}, commit {m['git_commit']}{' (uncommitted changes)' if m['git_dirty'] else ''}")
+    bn = f" (batch norm over {r['bn_batch']} images)" if r["bn_batch"] else ""
+    print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}{bn}, loss {r['loss']}, batch {r['batch_size']}")
+    print(f"defaults: {r['defaults_chosen']['described']}")
+    if r["concurrent"]:
+        print(f"\n{'runs at once':>12s} {'threads each':>12s} {'aggregate img/s':>16s} {'per run img/s':>24s} {'full runs/h':>12s}")
+        for row in r["concurrent"]:
+            per_run = " ".join(f"{v:.0f}" for v in row["per_run_img_per_s"])
+            print(f"{row['k']:12d} {row['threads_each']:12d} {row['aggregate_img_per_s']:16.1f} {per_run[:24]:>24s} "
+                  f"{row['full_runs_per_hour']:12.2f}")
+        print(f"({r['windows'] * r['window_steps']} timed steps per run after {r['warmup_steps']} warm-up steps; "
+              f"a full run is {r['epochs']} epochs of {r['train_images']} images)")
+        return
     print(f"\n{'':20s} {'precision':>9s} {'compiled':>8s} {'graph':>5s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
     for name, fig in r["figures"].items():
-        print(f"{LABELS[name]:20s} {fig['precision']:>9s} {'yes' if fig['compiled'] else 'no':>8s} "
+        print(f"{label(name):20s} {fig['precision']:>9s} {'yes' if fig['compiled'] else 'no':>8s} "
               f"{'yes' if fig['cuda_graph'] else 'no':>5s} "
               f"{fig['img_per_s']:9.1f} {fig['overall_img_per_s']:9.1f} "
               f"{min(fig['windows']):9.1f} {max(fig['windows']):9.1f}")
@@ -274,7 +398,7 @@ def print_report(res):
         print(f"{k:24s} {v:6.2f}x")
     print(f"(b) reaches {r['gflop_per_s']:.1f} GFLOP/s at {r['gflop_per_image']:.3f} GFLOP per image ({r['gflop_source']})")
     for name, e in r["estimates"].items():
-        print(f"{LABELS[name]:20s} {e['seconds_per_epoch']:7.1f} s/epoch, {r['epochs']} epochs: {e['run_hours']:.2f} h "
+        print(f"{label(name):20s} {e['seconds_per_epoch']:7.1f} s/epoch, {r['epochs']} epochs: {e['run_hours']:.2f} h "
               f"(training only)")
 
 
@@ -285,37 +409,45 @@ def main(argv):
         raise UserError("--device cuda but CUDA is not available")
     cfg = config.build(overrides=[("data.root", args.data_root), ("data.download", "false"), ("data.rho", str(args.rho)),
                                   ("model.name", args.model), ("loss.name", args.loss),
-                                  ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision)])
+                                  ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision),
+                                  ("train.compile", args.compile), ("train.cuda_graph", args.cuda_graph),
+                                  ("model.bn_batch", str(args.bn_batch))])
     x, y, source = train_set(cfg, args.synthetic)
     n_classes = data.num_classes(cfg.data.dataset)
-    ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes,
-           "prec": precision.resolve(cfg.train.precision, device),
-           "compile": precision.resolve_compile(args.compile, device), "compile_mode": args.compile_mode,
-           "criterion": losses.build_loss(cfg.loss.name, np.bincount(y, minlength=n_classes).tolist(), cfg.loss.tau,
-                                          device)}
+    ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes, "compile_mode": args.compile_mode,
+           "criterion": make_criterion(cfg, y, n_classes, device)}
+    print("choosing the defaults' precision and compile setting, as train.py does ...", flush=True)
+    runtime = resolve_defaults(ctx, args)
+    print(f"defaults: {runtime.describe()}")
+    settings = (runtime.precision, runtime.compile, runtime.cuda_graph)
 
-    ctx["graph"] = precision.resolve_cuda_graph(args.cuda_graph, device, 1, ctx["compile"])
-
-    plan = [("reference", "fp32", False, False, lambda: bench_reference(ctx, args)),
-            ("train", ctx["prec"], ctx["compile"], ctx["graph"], lambda: bench_train(ctx, args)),
-            ("ceiling", ctx["prec"], ctx["compile"], ctx["graph"], lambda: bench_ceiling(ctx, args))]
-    figures = {}
-    for name, prec, compiled, graphed, run in plan:
-        if name == "reference" and args.skip_reference:
-            continue
-        print(f"measuring {LABELS[name]} ({prec}{', compiled' if compiled else ''}{', CUDA graph' if graphed else ''}) ...",
-              flush=True)
-        figures[name] = {"precision": prec, "compiled": compiled, "cuda_graph": graphed, **run()}
+    figures, concurrent = {}, None
+    if args.concurrent:
+        concurrent = bench_concurrent(ctx, args, runtime, len(y))
+    else:
+        plan = [] if args.skip_reference else [("reference", ("fp32", False, False), lambda: bench_reference(ctx, args))]
+        plan.append(("train", settings, lambda: bench_train(ctx, args, *settings)))
+        for prec, compiled in grid(ctx, args):
+            graph = precision.resolve_cuda_graph(args.cuda_graph, device, 1, compiled)
+            plan.append((f"train_{prec}_{'compiled' if compiled else 'eager'}", (prec, compiled, graph),
+                         lambda p=prec, c=compiled, g=graph: bench_train(ctx, args, p, c, g)))
+        plan.append(("ceiling", settings, lambda: bench_ceiling(ctx, args, *settings)))
+        for name, (prec, compiled, graphed), measure_it in plan:
+            print(f"measuring {label(name)} ({prec}{', compiled' if compiled else ''}{', CUDA graph' if graphed else ''}) ...",
+                  flush=True)
+            figures[name] = {"precision": prec, "compiled": compiled, "cuda_graph": graphed, **measure_it()}
 
     gflop = gflop_per_image(cfg, n_classes)
-    ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs)
+    ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs) if figures else ({}, None, {})
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
         "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
-        "train_images": len(y), "model": cfg.model.name, "loss": cfg.loss.name, "precision": ctx["prec"],
-        "compile": ctx["compile"], "compile_mode": args.compile_mode if ctx["compile"] else None, "cuda_graph": ctx["graph"],
+        "train_images": len(y), "model": cfg.model.name, "bn_batch": cfg.model.bn_batch, "loss": cfg.loss.name,
+        "precision": runtime.precision, "compile": runtime.compile,
+        "compile_mode": args.compile_mode if runtime.compile else None, "cuda_graph": runtime.cuda_graph,
+        "defaults_chosen": {**runtime.to_dict(), "described": runtime.describe()},
         "batch_size": args.batch_size, "windows": args.windows, "window_steps": args.window_steps,
-        "warmup_steps": args.warmup_steps, "figures": figures, "ratios": ratios,
+        "warmup_steps": args.warmup_steps, "figures": figures, "ratios": ratios, "concurrent": concurrent,
         "gflop_per_image": gflop, "gflop_source": "counted: FlopCounterMode, forward + backward",
         "design_gflop_per_image": DESIGN_GFLOP_RESNET32 if cfg.model.name == "resnet32" else None,
         "gflop_per_s": gflops, "epochs": cfg.train.epochs, "estimates": estimates,
