@@ -57,11 +57,13 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     cache = run_dir / "logits.pt"
     if cache.is_file():
         try:
-            cached = torch.load(cache, map_location="cpu", weights_only=True)
-            if cached.get("checkpoint_sha256") == sha:
-                return cached["splits"], cached["class_counts"], cached["config"], sha
+            cached = checkpoint.load_plain(cache, "logits cache")
+        except UserError:
+            raise  # it asks to import code: someone else's file, to be reported rather than overwritten
         except Exception:
-            pass  # unreadable cache: recompute it
+            cached = None  # unreadable cache: recompute it
+        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
+            return cached["splits"], cached["class_counts"], cached["config"], sha
     ckpt = checkpoint.load(ckpt_path)
     cfg = config.from_dict(ckpt["config"])
     if args.data_root:

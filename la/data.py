@@ -29,14 +29,37 @@ def num_classes(dataset):
 
 # ---------------------------------------------------------------- loading
 
+class _Refused(pickle.UnpicklingError):
+    """A CIFAR file asked to import something the format never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds only what the CIFAR python format holds: dicts, lists, strings, bytes, numbers and numpy arrays.
+
+    A pickle rebuilds objects by importing and calling what it names; a planted file could name os.system.
+    Here the only names are numpy's array reconstructor (under its numpy 1 and 2 module names), ndarray and dtype.
+    """
+    _reconstruct = np.empty(0).__reduce__()[0]
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return self.ALLOWED[module, name]
+
+
 def _read_batch(path, label_key):
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _CifarUnpickler(f, encoding="latin1").load()  # latin1: the original files are Python 2 pickles
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d[label_key], dtype=np.int64)
     except FileNotFoundError:
         raise
+    except _Refused as e:
+        raise UserError(f"CIFAR file {path} was not loaded: it asks to import {e}, which the CIFAR format never "
+                        f"holds, and unpickling it could run code")
     except Exception as e:  # truncated, not a pickle, wrong keys or shape
         raise UserError(f"corrupt CIFAR file {path}: {type(e).__name__}: {e}")
     if len(x) != len(y):
@@ -45,10 +68,12 @@ def _read_batch(path, label_key):
 
 
 def _download(root, dataset):
+    """Fetch and unpack the archive (checked against its MD5) with torchvision's helper; _read_batch reads it."""
     import torchvision  # only needed here
 
+    source = getattr(torchvision.datasets, LAYOUT[dataset][5])
     try:
-        getattr(torchvision.datasets, LAYOUT[dataset][5])(root, train=True, download=True)
+        torchvision.datasets.utils.download_and_extract_archive(source.url, root, filename=source.filename, md5=source.tgz_md5)
     except Exception as e:
         raise UserError(
             f"{dataset} not found under {Path(root).resolve()} and download failed ({type(e).__name__}); "

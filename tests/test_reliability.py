@@ -3,6 +3,7 @@
 Every run here is tiny (generated CIFAR, batch 32, 1-3 epochs, one thread per process).
 """
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run, write_fake_cifar
-from la import config, data, dist, engine, models
+import train
+from conftest import PROTOCOL, REPO, TINY, Payload, run, write_fake_cifar
+from la import checkpoint, config, data, dist, engine, models
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -79,7 +81,7 @@ def untimed(lines):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # what train.py writes needs nothing more
 
 
 def assert_same_state(a, b):
@@ -122,7 +124,7 @@ def odd_root(tmp_path_factory):
         d = pickle.load(f)
     d["data"], d["labels"] = np.concatenate([d["data"], d["data"][:1]]), d["labels"] + d["labels"][:1]
     with open(path, "wb") as f:
-        pickle.dump(d, f)
+        pickle.dump(d, f, PROTOCOL)
     return root
 
 
@@ -418,7 +420,7 @@ def _data_copy(d, damage):
     root = d.case / "data"
     shutil.copytree(d.data / "cifar-10-batches-py", root / "cifar-10-batches-py")
     damage(root / "cifar-10-batches-py")
-    return ["--data-root", root, "--overwrite"]
+    return ["--data-root", root]
 
 
 def _doctored_checkpoint(d, edit):
@@ -431,6 +433,21 @@ def _doctored_checkpoint(d, edit):
 def _other_dataset(ckpt):
     ckpt["config"]["data"]["dataset"] = "cifar100"  # 10-class weights under a 100-class name
     del ckpt["split_manifest"]
+
+
+def _planted_checkpoint(d):
+    """The run's own checkpoint with one more entry, a Payload: every key the loader looks for is there."""
+    return _doctored_checkpoint(d, lambda ckpt: ckpt.update(note=Payload(d.case / "pwned")))
+
+
+def _planted_cache(d):
+    torch.save({"checkpoint_sha256": checkpoint.file_sha256(d.run / "checkpoint.pt"), "splits": Payload(d.case / "pwned")},
+               d.run / "logits.pt")
+    return [d.run]
+
+
+def _planted_batch(b):
+    (b / "data_batch_2").write_bytes(pickle.dumps({"data": Payload(b.parent.parent / "pwned"), "labels": [0]}, PROTOCOL))
 
 
 # (id, script, setup(d) -> extra argv, expected error). train.py cases get TINY, --data-root and --out d.run
@@ -454,10 +471,17 @@ CASES = [
      "cifar10 not found"),
     ("data-missing-no-network", "train", lambda d: ["--data-root", d.case / "empty", "--set", "data.download=true", "--overwrite"],
      "download failed"),
-    ("data-truncated", "train", lambda d: _data_copy(d, lambda b: _truncate(b / "data_batch_3")), "corrupt CIFAR file"),
-    ("data-corrupt", "train", lambda d: _data_copy(d, lambda b: _garble(b / "test_batch")), "corrupt CIFAR file"),
-    ("data-wrong-shape", "train", lambda d: _data_copy(d, lambda b: (b / "data_batch_1").write_bytes(
-        pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}))), "corrupt CIFAR file"),
+    ("data-truncated", "train", lambda d: [*_data_copy(d, lambda b: _truncate(b / "data_batch_3")), "--overwrite"], "corrupt CIFAR file"),
+    ("data-corrupt", "train", lambda d: [*_data_copy(d, lambda b: _garble(b / "test_batch")), "--overwrite"], "corrupt CIFAR file"),
+    ("data-wrong-shape", "train", lambda d: [*_data_copy(d, lambda b: (b / "data_batch_1").write_bytes(
+        pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}, PROTOCOL))), "--overwrite"], "corrupt CIFAR file"),
+    # a pickle that would run code when loaded: refused by name, and nothing runs (no file "pwned" appears)
+    ("data-planted", "train", lambda d: [*_data_copy(d, _planted_batch), "--overwrite"], "data_batch_2 was not loaded: it asks to import io.open"),
+    ("resume-planted-checkpoint", "train", lambda d: then(_planted_checkpoint(d), "--resume"),
+     "checkpoint.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-checkpoint", "eval", _planted_checkpoint, "checkpoint.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-logits-cache", "eval", _planted_cache, "logits.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-data", "eval", lambda d: [d.run, *_data_copy(d, _planted_batch)], "data_batch_2 was not loaded"),
     ("existing-run", "train", lambda d: [], "already holds a run"),
     ("resume-without-checkpoint", "train", lambda d: ["--out", d.case / "fresh", "--resume"], "no checkpoint"),
     ("resume-truncated-checkpoint", "train", lambda d: then(_truncate(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
@@ -546,3 +570,45 @@ def test_floats_without_a_dot_are_floats_not_type_errors():
     # YAML 1.1 reads 5e-4 as a string; a recipe or --set value written that way is still a number
     cfg = config.build(overrides=[("optim.weight_decay", "5e-4"), ("optim.gamma", "1e30"), ("loss.tau", "1")])
     assert (cfg.optim.weight_decay, cfg.optim.gamma, cfg.loss.tau) == (5e-4, 1e30, 1.0)
+
+
+# ---------------------------------------------------------------- loading never runs code
+
+def test_the_planted_payload_is_live(tmp_path):
+    """What the planted rows above stand on: loaded the unsafe way, a Payload does create its file."""
+    torch.save({"model": {}, "note": Payload(tmp_path / "by_torch_load")}, tmp_path / "planted.pt")
+    torch.load(tmp_path / "planted.pt", weights_only=False)
+    pickle.loads(pickle.dumps({"data": Payload(tmp_path / "by_pickle_load"), "labels": []}, PROTOCOL))
+    assert (tmp_path / "by_torch_load").exists() and (tmp_path / "by_pickle_load").exists()
+
+
+def test_rng_states_are_plain_data_and_restore_every_generator():
+    draws = lambda: (random.random(), float(np.random.rand()), float(np.random.randn()), float(torch.rand(1)))
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # numpy draws normals in pairs: the state now caches the second one
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(), buffer)
+    expected = draws()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert isinstance(state["numpy"][1], list)
+    train.set_rng_state(state)
+    assert draws() == expected
+    # the form older checkpoints hold: numpy's key as a uint32 array
+    state["numpy"] = (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
+    train.set_rng_state(state)
+    assert draws() == expected
+
+
+def test_checkpoints_from_before_plain_rng_states_still_load():
+    paths = sorted(REPO.glob("results/**/checkpoint.pt"))
+    assert paths, "results/ holds the committed checkpoints"
+    for path in paths:
+        with pytest.raises(pickle.UnpicklingError):  # they hold a numpy array ...
+            torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = checkpoint.load(path)  # ... which checkpoint.load admits, and nothing more
+        kind, key, *_ = ckpt["rng"]["numpy"]
+        assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
+        np.random.set_state(ckpt["rng"]["numpy"])
