@@ -8,6 +8,7 @@
 Logits are computed once per checkpoint and cached in the run directory (logits.pt).
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args(argv)
+    if not math.isfinite(args.tau):
+        raise UserError(f"--tau must be a finite number, got {args.tau}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.taus = tausweep.parse_grid(args.taus)  # now, not after the logits are computed
     if args.tau < 0 and not args.allow_negative_tau:
         raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
     return args
@@ -132,7 +138,7 @@ def evaluate_run(path, args, ctx):
     if args.tau_sweep:
         if "val" not in splits:
             raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
-        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, tausweep.parse_grid(args.taus))
+        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, args.taus)
         report["tau_sweep"] = sweep
         print(tausweep.describe(sweep))
         png = run_dir / "tau_sweep.png"
