@@ -57,6 +57,15 @@ def resolve(path):
     raise UserError(f"no run at {path}{hint}")
 
 
+def check_prior(counts, run_dir, args):
+    """Post-hoc adjustment subtracts tau * log(prior): a class without training images (in a run trained before
+    data.prepare refused a rho that empties one) has log(0) = -inf. Checked before any logits are computed."""
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty and (args.posthoc or args.tau_sweep):
+        raise UserError(f"{run_dir.name}: class {empty[0]} had no training image, so its log-prior is -inf and "
+                        f"post-hoc adjustment is undefined; evaluate it without --posthoc and --tau-sweep")
+
+
 def load_logits(run_dir, ckpt_path, args, ctx):
     """{split: (logits, labels)} for val and test, from the cache when it belongs to this checkpoint."""
     sha = checkpoint.file_sha256(ckpt_path)
@@ -69,14 +78,16 @@ def load_logits(run_dir, ckpt_path, args, ctx):
         except Exception:
             cached = None  # unreadable cache: recompute it
         if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
+            check_prior(cached["class_counts"], run_dir, args)
             return cached["splits"], cached["class_counts"], cached["config"], sha
     ckpt = checkpoint.load(ckpt_path)
+    check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
     if args.data_root:
         cfg.data.root = args.data_root
     elif os.environ.get("LA_DATA_ROOT"):
         cfg.data.root = os.environ["LA_DATA_ROOT"]
-    splits = data.prepare(cfg.data)
+    splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
     model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))

@@ -4,6 +4,7 @@ The subset follows kaidic/LDAM-DRW's IMBALANCECIFAR exactly (same counts, same i
 the same seed), so numbers here are comparable with the PyTorch long-tail literature.
 """
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,20 @@ def class_counts(n_classes, n_max, rho, profile="exp"):
     raise UserError(f"unknown profile {profile!r}")
 
 
+def largest_rho(n_max):
+    """The largest rho at which the tail class (class_counts's int(n_max * (1 / rho))) keeps an image.
+
+    In exact arithmetic that is n_max; in floating point it can be a hair below (49 * (1 / 49) < 1).
+    """
+    keeps = lambda rho: int(n_max * (1.0 / rho)) >= 1
+    rho = float(n_max)
+    while not keeps(rho):
+        rho = math.nextafter(rho, 0)
+    while keeps(math.nextafter(rho, math.inf)):
+        rho = math.nextafter(rho, math.inf)
+    return rho
+
+
 def longtail_indices(labels, counts, seed):
     """Per class in order: shuffle that class's indices with a local RandomState, keep the first n_i."""
     rng = np.random.RandomState(seed)
@@ -170,12 +185,21 @@ class Splits:
     manifest: dict
 
 
-def prepare(data_cfg):
-    """Load the dataset named by a config's data section and carve the long-tailed and validation splits."""
+def prepare(data_cfg, allow_empty_classes=False):
+    """Load the dataset named by a config's data section and carve the long-tailed and validation splits.
+
+    A rho that leaves a class without training images is an error, unless allow_empty_classes (eval.py, for runs
+    trained before it was).
+    """
     x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
     n_classes = num_classes(data_cfg.dataset)
     n_max = len(y) // n_classes
     subset_counts = class_counts(n_classes, n_max, data_cfg.rho, data_cfg.profile)
+    empty = [c for c, n in enumerate(subset_counts) if n == 0]
+    if empty and not allow_empty_classes:  # its log-prior would be -inf: the LA loss and post-hoc adjustment break on it
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise UserError(f"data.rho={data_cfg.rho:g} leaves class {empty[0]}{more} of {data_cfg.dataset} without a "
+                        f"training image ({n_max} per class); the largest rho it allows is {largest_rho(n_max):.17g}")
     train_idx = longtail_indices(y, subset_counts, data_cfg.subset_seed)
     train_idx, val_idx = carve_validation(y, train_idx, data_cfg.val_per_class, data_cfg.subset_seed)
     counts = np.bincount(y[train_idx], minlength=n_classes).tolist()

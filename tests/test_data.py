@@ -1,3 +1,4 @@
+import math
 import pickle
 import shutil
 
@@ -16,6 +17,13 @@ def test_exponential_counts_match_the_literature():
     assert sum(c10) == 12406
     assert sum(data.class_counts(100, 500, 100)) == 10847
     assert data.class_counts(10, 5000, 200)[-1] == 25
+
+
+def test_largest_rho_is_the_last_that_keeps_a_tail_image():
+    for n_max, largest in ((5000, 5000.0), (500, 500.0), (60, 60.0), (49, math.nextafter(49.0, 0))):  # 49 * (1 / 49) < 1
+        assert data.largest_rho(n_max) == largest
+        assert data.class_counts(10, n_max, largest)[-1] == 1
+        assert data.class_counts(10, n_max, math.nextafter(largest, math.inf))[-1] == 0
 
 
 def test_step_profile_and_balanced_rho():
@@ -129,6 +137,9 @@ def test_arrays_pickled_by_numpy_1_and_2_both_load(tmp_path, fake_root):
 def test_real_cifar10_lt_counts():
     s = data.prepare(data_cfg(SHARED_DATA, val_per_class=0))
     assert len(s.train_y) == 12406 and s.counts[-1] == 50 and len(s.test_y) == 10000
+    with pytest.raises(UserError, match=r"^data\.rho=6000 leaves class 9 of cifar10 without a training image \(5000 per "
+                                        r"class\); the largest rho it allows is 5000$"):
+        data.prepare(data_cfg(SHARED_DATA, rho=6000))
 
 
 def test_epoch_plan_shards_are_disjoint_and_cover():

@@ -450,6 +450,27 @@ def _planted_batch(b):
     (b / "data_batch_2").write_bytes(pickle.dumps({"data": Payload(b.parent.parent / "pwned"), "labels": [0]}, PROTOCOL))
 
 
+def _run_with_an_empty_class(d):
+    """The run as if trained with rho 61 before such a rho was refused: class 9 (of 60 images) has none."""
+    def edit(ckpt):
+        ckpt["config"]["data"]["rho"] = 61.0
+        cfg = config.from_dict(ckpt["config"])
+        cfg.data.root = str(d.data)
+        splits = data.prepare(cfg.data, allow_empty_classes=True)
+        ckpt["split_manifest"], ckpt["class_counts"] = splits.manifest, splits.counts
+    return _doctored_checkpoint(d, edit)
+
+
+def _cache_with_an_empty_class(d):
+    """That run's logits cache, as eval.py writes it: eval.py reads the class counts from there."""
+    _run_with_an_empty_class(d)
+    ckpt = load(d.run / "checkpoint.pt")
+    logits = {split: (torch.randn(20, 10), torch.arange(20) % 10) for split in ("val", "test")}
+    torch.save({"checkpoint_sha256": checkpoint.file_sha256(d.run / "checkpoint.pt"), "splits": logits,
+                "class_counts": ckpt["class_counts"], "config": ckpt["config"]}, d.run / "logits.pt")
+    return [d.run]
+
+
 # (id, script, setup(d) -> extra argv, expected error). train.py cases get TINY, --data-root and --out d.run
 # (a finished run) first; later flags win. --overwrite makes the error under test, not the refusal, fire.
 CASES = [
@@ -465,6 +486,13 @@ CASES = [
     ("rho-below-1", "train", lambda d: ["--rho", "0.5", "--overwrite"], "data.rho must be >= 1"),
     ("rho-inf", "train", lambda d: ["--rho", "inf", "--overwrite"], "data.rho must be a finite number, got inf"),
     ("rho-nan", "train", lambda d: ["--rho", "nan", "--overwrite"], "data.rho must be a finite number, got nan"),
+    # the generated CIFAR has 60 (CIFAR-10) and 12 (CIFAR-100) training images per class
+    ("rho-empties-a-class", "train", lambda d: ["--rho", "61", "--overwrite"],
+     "data.rho=61 leaves class 9 of cifar10 without a training image (60 per class); the largest rho it allows is 60"),
+    ("rho-empties-cifar100-classes", "train", lambda d: ["--dataset", "cifar100", "--rho", "100", "--overwrite"],
+     "data.rho=100 leaves class 54 (and 45 more) of cifar100 without a training image (12 per class); the largest rho it allows is 12"),
+    ("step-rho-empties-classes", "train", lambda d: ["--set", "data.profile=step", "--rho", "100", "--overwrite"],
+     "data.rho=100 leaves class 5 (and 4 more) of cifar10"),
     ("tau-nan", "train", lambda d: ["--loss", "la", "--tau", "nan", "--overwrite"], "loss.tau must be a finite number, got nan"),
     ("lr-negative", "train", lambda d: ["--set", "optim.lr=-0.1", "--overwrite"], "optim.lr must be > 0"),
     ("lr-nan", "train", lambda d: ["--set", "optim.lr=.nan", "--overwrite"], "optim.lr must be a finite number, got nan"),
@@ -530,7 +558,16 @@ CASES = [
     ("eval-infinite-sweep", "eval", lambda d: [d.run, "--tau-sweep", "--taus", "0:inf:0.5"], "need finite numbers"),
     ("eval-endless-sweep", "eval", lambda d: [d.run, "--tau-sweep", "--taus", "0:3:1e-12"], "more than 10,000 values"),
     ("eval-zero-batch-size", "eval", lambda d: [d.run, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    # runs trained before an emptying rho was refused: post-hoc adjustment would subtract log(0)
+    ("eval-posthoc-empty-class", "eval", lambda d: [*_run_with_an_empty_class(d), "--posthoc"],
+     "class 9 had no training image, so its log-prior is -inf"),
+    ("eval-sweep-empty-class-cached", "eval", lambda d: [*_cache_with_an_empty_class(d), "--tau-sweep"], "class 9 had no training image"),
     ("eval-unknown-flag", "eval", lambda d: [d.run, "--frobnicate"], "unrecognized arguments"),
+]
+# (id, script, setup, ""): inputs near the bad ones that must work
+ALLOWED = [
+    ("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1", "--allow-negative-tau"], ""),
+    ("eval-raw-empty-class", "eval", _run_with_an_empty_class, ""),
 ]
 CASE_ENV = {
     # no network: every HTTP(S) request goes to a closed local port
@@ -556,8 +593,7 @@ def bad_input_results(reference, fake_root, odd_root, tmp_path_factory):
     """Set every case up, run them all in one interpreter, return {id: (result, snapshot before, after)}."""
     base = tmp_path_factory.mktemp("bad_input")
     specs, before = [], {}
-    for case_id, script, setup, _ in CASES + [("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1",
-                                                                                                  "--allow-negative-tau"], "")]:
+    for case_id, script, setup, _ in CASES + ALLOWED:
         d = Dirs(base / case_id, base / case_id / "run", fake_root, odd_root)
         shutil.copytree(reference, d.run)
         (d.case / "empty").mkdir()
@@ -591,6 +627,12 @@ def test_negative_tau_is_allowed_with_its_flag(bad_input_results):
     result, _, _ = bad_input_results["eval-negative-tau-allowed"]
     assert result["rc"] == 0, result["stderr"]
     assert "post-hoc tau=-1" in result["stdout"]
+
+
+def test_a_run_with_an_empty_class_still_evaluates_raw(bad_input_results):
+    result, _, _ = bad_input_results["eval-raw-empty-class"]
+    assert result["rc"] == 0, result["stderr"]
+    assert "    9:     0" in result["stdout"]  # the per-class table shows its 0 training images
 
 
 def test_floats_without_a_dot_are_floats_not_type_errors():
