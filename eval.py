@@ -8,6 +8,7 @@
 Logits are computed once per checkpoint and cached in the run directory (logits.pt).
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args(argv)
+    if not math.isfinite(args.tau):
+        raise UserError(f"--tau must be a finite number, got {args.tau}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.taus = tausweep.parse_grid(args.taus)  # now, not after the logits are computed
     if args.tau < 0 and not args.allow_negative_tau:
         raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
     return args
@@ -51,24 +57,37 @@ def resolve(path):
     raise UserError(f"no run at {path}{hint}")
 
 
+def check_prior(counts, run_dir, args):
+    """Post-hoc adjustment subtracts tau * log(prior): a class without training images (in a run trained before
+    data.prepare refused a rho that empties one) has log(0) = -inf. Checked before any logits are computed."""
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty and (args.posthoc or args.tau_sweep):
+        raise UserError(f"{run_dir.name}: class {empty[0]} had no training image, so its log-prior is -inf and "
+                        f"post-hoc adjustment is undefined; evaluate it without --posthoc and --tau-sweep")
+
+
 def load_logits(run_dir, ckpt_path, args, ctx):
     """{split: (logits, labels)} for val and test, from the cache when it belongs to this checkpoint."""
     sha = checkpoint.file_sha256(ckpt_path)
     cache = run_dir / "logits.pt"
     if cache.is_file():
         try:
-            cached = torch.load(cache, map_location="cpu", weights_only=True)
-            if cached.get("checkpoint_sha256") == sha:
-                return cached["splits"], cached["class_counts"], cached["config"], sha
+            cached = checkpoint.load_plain(cache, "logits cache")
+        except UserError:
+            raise  # it asks to import code: someone else's file, to be reported rather than overwritten
         except Exception:
-            pass  # unreadable cache: recompute it
+            cached = None  # unreadable cache: recompute it
+        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
+            check_prior(cached["class_counts"], run_dir, args)
+            return cached["splits"], cached["class_counts"], cached["config"], sha
     ckpt = checkpoint.load(ckpt_path)
+    check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
     if args.data_root:
         cfg.data.root = args.data_root
     elif os.environ.get("LA_DATA_ROOT"):
         cfg.data.root = os.environ["LA_DATA_ROOT"]
-    splits = data.prepare(cfg.data)
+    splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
     model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
@@ -133,7 +152,7 @@ def evaluate_run(path, args, ctx):
     if args.tau_sweep:
         if "val" not in splits:
             raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
-        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, tausweep.parse_grid(args.taus))
+        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, args.taus)
         report["tau_sweep"] = sweep
         print(tausweep.describe(sweep))
         png = run_dir / "tau_sweep.png"

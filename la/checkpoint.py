@@ -1,9 +1,16 @@
-"""Checkpoints are plain torch.save dicts, written atomically so a kill at any moment leaves one loadable."""
+"""Checkpoints are plain torch.save dicts, written atomically so a kill at any moment leaves one loadable.
+
+They hold only tensors and plain Python data (dicts, lists, tuples, strings, numbers), and are read back with
+torch.load(weights_only=True): loading a file someone sent never runs code from it.
+"""
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from la import UserError
@@ -31,12 +38,36 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
+# Checkpoints written before the RNG states were plain data hold numpy's MT19937 key, a uint32 ndarray: these
+# rebuild one (its reconstructor, class, dtype and dtype class) and nothing else.
+OLD_NUMPY_KEY = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_plain(path, what, map_location="cpu", allow=()):
+    """torch.load(weights_only=True), which rebuilds only tensors and plain data (plus the types in allow).
+
+    A file that asks for anything else (a function to call, a class to build) is refused, naming it, before
+    anything in it runs: a UserError. Other failures (a truncated file) are the caller's to report.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if name is None:
+            raise
+        raise UserError(f"{what} {path} was not loaded: it asks to import {name[1]}, which no file written by "
+                        f"this repository holds, and unpickling it could run code")
+
+
 def load(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = load_plain(path, "checkpoint", map_location, allow=OLD_NUMPY_KEY)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__})")
     missing = {"model", "config", "class_counts", "epoch"} - set(ckpt) if isinstance(ckpt, dict) else {"everything"}

@@ -1,9 +1,10 @@
 """Recipes: typed defaults, a YAML file on top, then CLI flags, then --set dotted.key=value.
 
-Every key reaches the code; an unknown key or a value of the wrong type is a UserError.
+Every key reaches the code; an unknown key, a value of the wrong type or one out of range is a UserError.
 """
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,15 +165,31 @@ def validate(cfg):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise UserError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key, value in flatten(to_dict(cfg)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+    # numpy's RandomState takes seeds below 2**32, and the validation split draws with data.subset_seed + 1_000_003
+    optim, max_seed = cfg.optim, 2 ** 31 - 1
     checks = [
         (cfg.data.rho >= 1, "data.rho must be >= 1"),
+        (0 <= cfg.data.subset_seed <= max_seed, f"data.subset_seed must be in 0..{max_seed}"),
         (cfg.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.model.bn_batch >= 0, "model.bn_batch must be >= 0 (0: the whole batch)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
         (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (0 <= cfg.train.seed <= max_seed, f"train.seed must be in 0..{max_seed}"),
+        (optim.lr > 0, "optim.lr must be > 0"),
+        (0 <= optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (optim.momentum > 0 or not optim.nesterov, "optim.nesterov=true needs optim.momentum > 0"),
+        (optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (optim.gamma > 0, "optim.gamma must be > 0"),
+        (optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (optim.milestones == sorted(set(optim.milestones)) and min(optim.milestones, default=0) >= 0,
+         f"optim.milestones must be increasing epochs >= 0, got {optim.milestones}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -4,6 +4,7 @@ The subset follows kaidic/LDAM-DRW's IMBALANCECIFAR exactly (same counts, same i
 the same seed), so numbers here are comparable with the PyTorch long-tail literature.
 """
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,37 @@ def num_classes(dataset):
 
 # ---------------------------------------------------------------- loading
 
+class _Refused(pickle.UnpicklingError):
+    """A CIFAR file asked to import something the format never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds only what the CIFAR python format holds: dicts, lists, strings, bytes, numbers and numpy arrays.
+
+    A pickle rebuilds objects by importing and calling what it names; a planted file could name os.system.
+    Here the only names are numpy's array reconstructor (under its numpy 1 and 2 module names), ndarray and dtype.
+    """
+    _reconstruct = np.empty(0).__reduce__()[0]
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return self.ALLOWED[module, name]
+
+
 def _read_batch(path, label_key):
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _CifarUnpickler(f, encoding="latin1").load()  # latin1: the original files are Python 2 pickles
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d[label_key], dtype=np.int64)
     except FileNotFoundError:
         raise
+    except _Refused as e:
+        raise UserError(f"CIFAR file {path} was not loaded: it asks to import {e}, which the CIFAR format never "
+                        f"holds, and unpickling it could run code")
     except Exception as e:  # truncated, not a pickle, wrong keys or shape
         raise UserError(f"corrupt CIFAR file {path}: {type(e).__name__}: {e}")
     if len(x) != len(y):
@@ -45,10 +69,12 @@ def _read_batch(path, label_key):
 
 
 def _download(root, dataset):
+    """Fetch and unpack the archive (checked against its MD5) with torchvision's helper; _read_batch reads it."""
     import torchvision  # only needed here
 
+    source = getattr(torchvision.datasets, LAYOUT[dataset][5])
     try:
-        getattr(torchvision.datasets, LAYOUT[dataset][5])(root, train=True, download=True)
+        torchvision.datasets.utils.download_and_extract_archive(source.url, root, filename=source.filename, md5=source.tgz_md5)
     except Exception as e:
         raise UserError(
             f"{dataset} not found under {Path(root).resolve()} and download failed ({type(e).__name__}); "
@@ -86,6 +112,20 @@ def class_counts(n_classes, n_max, rho, profile="exp"):
         head = n_classes // 2
         return [int(n_max)] * head + [int(n_max * (1.0 / rho))] * (n_classes - head)
     raise UserError(f"unknown profile {profile!r}")
+
+
+def largest_rho(n_max):
+    """The largest rho at which the tail class (class_counts's int(n_max * (1 / rho))) keeps an image.
+
+    In exact arithmetic that is n_max; in floating point it can be a hair below (49 * (1 / 49) < 1).
+    """
+    keeps = lambda rho: int(n_max * (1.0 / rho)) >= 1
+    rho = float(n_max)
+    while not keeps(rho):
+        rho = math.nextafter(rho, 0)
+    while keeps(math.nextafter(rho, math.inf)):
+        rho = math.nextafter(rho, math.inf)
+    return rho
 
 
 def longtail_indices(labels, counts, seed):
@@ -145,12 +185,21 @@ class Splits:
     manifest: dict
 
 
-def prepare(data_cfg):
-    """Load the dataset named by a config's data section and carve the long-tailed and validation splits."""
+def prepare(data_cfg, allow_empty_classes=False):
+    """Load the dataset named by a config's data section and carve the long-tailed and validation splits.
+
+    A rho that leaves a class without training images is an error, unless allow_empty_classes (eval.py, for runs
+    trained before it was).
+    """
     x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
     n_classes = num_classes(data_cfg.dataset)
     n_max = len(y) // n_classes
     subset_counts = class_counts(n_classes, n_max, data_cfg.rho, data_cfg.profile)
+    empty = [c for c, n in enumerate(subset_counts) if n == 0]
+    if empty and not allow_empty_classes:  # its log-prior would be -inf: the LA loss and post-hoc adjustment break on it
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise UserError(f"data.rho={data_cfg.rho:g} leaves class {empty[0]}{more} of {data_cfg.dataset} without a "
+                        f"training image ({n_max} per class); the largest rho it allows is {largest_rho(n_max):.17g}")
     train_idx = longtail_indices(y, subset_counts, data_cfg.subset_seed)
     train_idx, val_idx = carve_validation(y, train_idx, data_cfg.val_per_class, data_cfg.subset_seed)
     counts = np.bincount(y[train_idx], minlength=n_classes).tolist()

@@ -11,8 +11,10 @@ def parse_grid(spec):
         start, stop, step = (float(v) for v in spec.split(":"))
     except ValueError:
         raise UserError(f"--taus expects START:STOP:STEP, got {spec!r}")
-    if step <= 0 or stop < start:
-        raise UserError(f"--taus {spec}: need STEP > 0 and STOP >= START")
+    if not all(map(np.isfinite, (start, stop, step))) or step <= 0 or stop < start:
+        raise UserError(f"--taus {spec}: need finite numbers, STEP > 0 and STOP >= START")
+    if (stop - start) / step > 10_000:
+        raise UserError(f"--taus {spec}: more than 10,000 values; use a larger STEP")
     return [round(t, 10) for t in np.arange(start, stop + step / 2, step)]
 
 

@@ -12,6 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Pickle protocol of the generated files: 4, as CIFAR re-pickled by Python 3. Protocol 5 stores numpy arrays through
+# numpy's _frombuffer, which the CIFAR format never holds and la/data.py's unpickler refuses.
+PROTOCOL = 4
+
+
 def write_fake_cifar(root, dataset="cifar10", per_class=60, test_per_class=10, seed=0):
     """Class-dependent noise images: learnable enough that a few steps beat chance."""
     rng = np.random.RandomState(seed)
@@ -31,21 +36,21 @@ def write_fake_cifar(root, dataset="cifar10", per_class=60, test_per_class=10, s
         x, y = make(per_class)
         for i, part in enumerate(np.array_split(np.arange(len(y)), 5)):
             with open(base / f"data_batch_{i + 1}", "wb") as f:
-                pickle.dump({"data": x[part], "labels": [y[j] for j in part]}, f)
+                pickle.dump({"data": x[part], "labels": [y[j] for j in part]}, f, PROTOCOL)
         x, y = make(test_per_class)
         with open(base / "test_batch", "wb") as f:
-            pickle.dump({"data": x, "labels": y}, f)
+            pickle.dump({"data": x, "labels": y}, f, PROTOCOL)
         with open(base / "batches.meta", "wb") as f:
-            pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+            pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f, PROTOCOL)
     else:
         base = root / "cifar-100-python"
         base.mkdir(parents=True, exist_ok=True)
         for name, n in (("train", per_class), ("test", test_per_class)):
             x, y = make(n)
             with open(base / name, "wb") as f:
-                pickle.dump({"data": x, "fine_labels": y, "coarse_labels": [v // 5 for v in y]}, f)
+                pickle.dump({"data": x, "fine_labels": y, "coarse_labels": [v // 5 for v in y]}, f, PROTOCOL)
         with open(base / "meta", "wb") as f:
-            pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+            pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f, PROTOCOL)
     return root
 
 
@@ -72,3 +77,14 @@ def run(args, cwd, check=True, env=None, timeout=300, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+class Payload:
+    """What a planted pickle carries: loading it calls open(path, "w"), which creates path, as a planted os.system
+    would run a command (without the shell). A test that plants one checks that the file never appears."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")

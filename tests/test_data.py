@@ -1,4 +1,6 @@
+import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from la import UserError, data
-from conftest import SHARED_DATA
+from conftest import PROTOCOL, SHARED_DATA, Payload
 
 
 def test_exponential_counts_match_the_literature():
@@ -15,6 +17,13 @@ def test_exponential_counts_match_the_literature():
     assert sum(c10) == 12406
     assert sum(data.class_counts(100, 500, 100)) == 10847
     assert data.class_counts(10, 5000, 200)[-1] == 25
+
+
+def test_largest_rho_is_the_last_that_keeps_a_tail_image():
+    for n_max, largest in ((5000, 5000.0), (500, 500.0), (60, 60.0), (49, math.nextafter(49.0, 0))):  # 49 * (1 / 49) < 1
+        assert data.largest_rho(n_max) == largest
+        assert data.class_counts(10, n_max, largest)[-1] == 1
+        assert data.class_counts(10, n_max, math.nextafter(largest, math.inf))[-1] == 0
 
 
 def test_step_profile_and_balanced_rho():
@@ -86,8 +95,6 @@ def test_missing_data_names_the_path(tmp_path):
 
 
 def test_corrupt_file_is_a_user_error(tmp_path, fake_root):
-    import shutil
-
     shutil.copytree(fake_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     path.write_bytes(path.read_bytes()[:1000])
@@ -95,10 +102,44 @@ def test_corrupt_file_is_a_user_error(tmp_path, fake_root):
         data.load_cifar(tmp_path, "cifar10")
 
 
+def _copy(fake_root, tmp_path, dataset="cifar10"):
+    folder = data.LAYOUT[dataset][0]
+    shutil.copytree(fake_root / folder, tmp_path / folder)
+    return tmp_path / folder
+
+
+def test_a_planted_cifar_file_is_refused_by_name_and_never_runs(tmp_path, fake_root):
+    base = _copy(fake_root, tmp_path)
+    (base / "test_batch").write_bytes(pickle.dumps({"data": Payload(tmp_path / "pwned"), "labels": [0]}, PROTOCOL))
+    with pytest.raises(UserError, match=r"CIFAR file .*test_batch was not loaded: it asks to import io\.open"):
+        data.load_cifar(tmp_path, "cifar10")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_the_metadata_files_are_never_unpickled(tmp_path, fake_root):
+    for dataset, meta in (("cifar10", "batches.meta"), ("cifar100", "meta")):
+        (_copy(fake_root, tmp_path, dataset) / meta).write_bytes(pickle.dumps(Payload(tmp_path / f"pwned_{meta}"), PROTOCOL))
+        data.load_cifar(tmp_path, dataset)
+        assert not (tmp_path / f"pwned_{meta}").exists()
+
+
+def test_arrays_pickled_by_numpy_1_and_2_both_load(tmp_path, fake_root):
+    base = _copy(fake_root, tmp_path)
+    expected = data.load_cifar(tmp_path, "cifar10")
+    # protocol 3 names the reconstructor in plain text; the original CIFAR files (numpy 1) say numpy.core.multiarray
+    pickled = pickle.dumps(pickle.load(open(base / "data_batch_1", "rb")), 3)
+    assert b"numpy._core.multiarray\n_reconstruct" in pickled
+    (base / "data_batch_1").write_bytes(pickled.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    assert all(np.array_equal(a, b) for a, b in zip(data.load_cifar(tmp_path, "cifar10"), expected))
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
 def test_real_cifar10_lt_counts():
     s = data.prepare(data_cfg(SHARED_DATA, val_per_class=0))
     assert len(s.train_y) == 12406 and s.counts[-1] == 50 and len(s.test_y) == 10000
+    with pytest.raises(UserError, match=r"^data\.rho=6000 leaves class 9 of cifar10 without a training image \(5000 per "
+                                        r"class\); the largest rho it allows is 5000$"):
+        data.prepare(data_cfg(SHARED_DATA, rho=6000))
 
 
 def test_epoch_plan_shards_are_disjoint_and_cover():

@@ -3,6 +3,7 @@
 Every run here is tiny (generated CIFAR, batch 32, 1-3 epochs, one thread per process).
 """
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -19,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run, write_fake_cifar
-from la import config, data, dist, engine, models
+import train
+from conftest import PROTOCOL, REPO, TINY, Payload, run, write_fake_cifar
+from la import checkpoint, config, data, dist, engine, models
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -79,7 +81,7 @@ def untimed(lines):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # what train.py writes needs nothing more
 
 
 def assert_same_state(a, b):
@@ -122,7 +124,7 @@ def odd_root(tmp_path_factory):
         d = pickle.load(f)
     d["data"], d["labels"] = np.concatenate([d["data"], d["data"][:1]]), d["labels"] + d["labels"][:1]
     with open(path, "wb") as f:
-        pickle.dump(d, f)
+        pickle.dump(d, f, PROTOCOL)
     return root
 
 
@@ -418,7 +420,7 @@ def _data_copy(d, damage):
     root = d.case / "data"
     shutil.copytree(d.data / "cifar-10-batches-py", root / "cifar-10-batches-py")
     damage(root / "cifar-10-batches-py")
-    return ["--data-root", root, "--overwrite"]
+    return ["--data-root", root]
 
 
 def _doctored_checkpoint(d, edit):
@@ -431,6 +433,42 @@ def _doctored_checkpoint(d, edit):
 def _other_dataset(ckpt):
     ckpt["config"]["data"]["dataset"] = "cifar100"  # 10-class weights under a 100-class name
     del ckpt["split_manifest"]
+
+
+def _planted_checkpoint(d):
+    """The run's own checkpoint with one more entry, a Payload: every key the loader looks for is there."""
+    return _doctored_checkpoint(d, lambda ckpt: ckpt.update(note=Payload(d.case / "pwned")))
+
+
+def _planted_cache(d):
+    torch.save({"checkpoint_sha256": checkpoint.file_sha256(d.run / "checkpoint.pt"), "splits": Payload(d.case / "pwned")},
+               d.run / "logits.pt")
+    return [d.run]
+
+
+def _planted_batch(b):
+    (b / "data_batch_2").write_bytes(pickle.dumps({"data": Payload(b.parent.parent / "pwned"), "labels": [0]}, PROTOCOL))
+
+
+def _run_with_an_empty_class(d):
+    """The run as if trained with rho 61 before such a rho was refused: class 9 (of 60 images) has none."""
+    def edit(ckpt):
+        ckpt["config"]["data"]["rho"] = 61.0
+        cfg = config.from_dict(ckpt["config"])
+        cfg.data.root = str(d.data)
+        splits = data.prepare(cfg.data, allow_empty_classes=True)
+        ckpt["split_manifest"], ckpt["class_counts"] = splits.manifest, splits.counts
+    return _doctored_checkpoint(d, edit)
+
+
+def _cache_with_an_empty_class(d):
+    """That run's logits cache, as eval.py writes it: eval.py reads the class counts from there."""
+    _run_with_an_empty_class(d)
+    ckpt = load(d.run / "checkpoint.pt")
+    logits = {split: (torch.randn(20, 10), torch.arange(20) % 10) for split in ("val", "test")}
+    torch.save({"checkpoint_sha256": checkpoint.file_sha256(d.run / "checkpoint.pt"), "splits": logits,
+                "class_counts": ckpt["class_counts"], "config": ckpt["config"]}, d.run / "logits.pt")
+    return [d.run]
 
 
 # (id, script, setup(d) -> extra argv, expected error). train.py cases get TINY, --data-root and --out d.run
@@ -446,6 +484,35 @@ CASES = [
     ("wrong-type-flag", "train", lambda d: ["--rho", "abc", "--overwrite"], "data.rho: expected float"),
     ("wrong-type-in-recipe", "train", lambda d: _bad_yaml(d, "train:\n  batch_size: 12.5\n"), "train.batch_size: expected int"),
     ("rho-below-1", "train", lambda d: ["--rho", "0.5", "--overwrite"], "data.rho must be >= 1"),
+    ("rho-inf", "train", lambda d: ["--rho", "inf", "--overwrite"], "data.rho must be a finite number, got inf"),
+    ("rho-nan", "train", lambda d: ["--rho", "nan", "--overwrite"], "data.rho must be a finite number, got nan"),
+    # the generated CIFAR has 60 (CIFAR-10) and 12 (CIFAR-100) training images per class
+    ("rho-empties-a-class", "train", lambda d: ["--rho", "61", "--overwrite"],
+     "data.rho=61 leaves class 9 of cifar10 without a training image (60 per class); the largest rho it allows is 60"),
+    ("rho-empties-cifar100-classes", "train", lambda d: ["--dataset", "cifar100", "--rho", "100", "--overwrite"],
+     "data.rho=100 leaves class 54 (and 45 more) of cifar100 without a training image (12 per class); the largest rho it allows is 12"),
+    ("step-rho-empties-classes", "train", lambda d: ["--set", "data.profile=step", "--rho", "100", "--overwrite"],
+     "data.rho=100 leaves class 5 (and 4 more) of cifar10"),
+    ("tau-nan", "train", lambda d: ["--loss", "la", "--tau", "nan", "--overwrite"], "loss.tau must be a finite number, got nan"),
+    ("lr-negative", "train", lambda d: ["--set", "optim.lr=-0.1", "--overwrite"], "optim.lr must be > 0"),
+    ("lr-nan", "train", lambda d: ["--set", "optim.lr=.nan", "--overwrite"], "optim.lr must be a finite number, got nan"),
+    ("momentum-negative", "train", lambda d: ["--set", "optim.momentum=-0.9", "--overwrite"], "optim.momentum must be in [0, 1)"),
+    ("momentum-one", "train", lambda d: ["--set", "optim.momentum=1", "--overwrite"], "optim.momentum must be in [0, 1)"),
+    ("nesterov-without-momentum", "train", lambda d: ["--set", "optim.nesterov=true", "--set", "optim.momentum=0", "--overwrite"],
+     "optim.nesterov=true needs optim.momentum > 0"),
+    ("weight-decay-negative", "train", lambda d: ["--set", "optim.weight_decay=-5e-4", "--overwrite"], "optim.weight_decay must be >= 0"),
+    ("weight-decay-inf", "train", lambda d: ["--set", "optim.weight_decay=inf", "--overwrite"], "optim.weight_decay must be a finite number"),
+    ("gamma-zero", "train", lambda d: ["--set", "optim.gamma=0", "--overwrite"], "optim.gamma must be > 0"),
+    ("warmup-negative", "train", lambda d: ["--set", "optim.warmup_epochs=-1", "--overwrite"], "optim.warmup_epochs must be >= 0"),
+    ("milestones-unsorted", "train", lambda d: ["--set", "optim.milestones=[300,100]", "--overwrite"],
+     "optim.milestones must be increasing epochs >= 0, got [300, 100]"),
+    ("milestones-repeated", "train", lambda d: ["--set", "optim.milestones=[100,100]", "--overwrite"], "optim.milestones must be increasing"),
+    ("milestones-negative", "train", lambda d: ["--set", "optim.milestones=[-5]", "--overwrite"], "optim.milestones must be increasing epochs >= 0"),
+    ("seed-negative", "train", lambda d: ["--seed", "-1", "--overwrite"], "train.seed must be in 0..2147483647"),
+    ("subset-seed-too-large", "train", lambda d: ["--set", "data.subset_seed=4294967295", "--overwrite"],
+     "data.subset_seed must be in 0..2147483647"),
+    ("zero-eval-batch-size", "train", lambda d: ["--set", "train.eval_batch_size=0", "--overwrite"], "train.eval_batch_size must be >= 1"),
+    ("workers-negative", "train", lambda d: ["--set", "data.workers=-1", "--overwrite"], "data.workers must be >= 0"),
     ("zero-epochs", "train", lambda d: ["--epochs", "0", "--overwrite"], "train.epochs must be >= 1"),
     ("unknown-dataset", "train", lambda d: ["--dataset", "cifar1000", "--overwrite"], "data.dataset: 'cifar1000' is not one of"),
     ("unknown-model", "train", lambda d: ["--set", "model.name=vgg16", "--overwrite"], "model.name: 'vgg16' is not one of"),
@@ -454,10 +521,17 @@ CASES = [
      "cifar10 not found"),
     ("data-missing-no-network", "train", lambda d: ["--data-root", d.case / "empty", "--set", "data.download=true", "--overwrite"],
      "download failed"),
-    ("data-truncated", "train", lambda d: _data_copy(d, lambda b: _truncate(b / "data_batch_3")), "corrupt CIFAR file"),
-    ("data-corrupt", "train", lambda d: _data_copy(d, lambda b: _garble(b / "test_batch")), "corrupt CIFAR file"),
-    ("data-wrong-shape", "train", lambda d: _data_copy(d, lambda b: (b / "data_batch_1").write_bytes(
-        pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}))), "corrupt CIFAR file"),
+    ("data-truncated", "train", lambda d: [*_data_copy(d, lambda b: _truncate(b / "data_batch_3")), "--overwrite"], "corrupt CIFAR file"),
+    ("data-corrupt", "train", lambda d: [*_data_copy(d, lambda b: _garble(b / "test_batch")), "--overwrite"], "corrupt CIFAR file"),
+    ("data-wrong-shape", "train", lambda d: [*_data_copy(d, lambda b: (b / "data_batch_1").write_bytes(
+        pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}, PROTOCOL))), "--overwrite"], "corrupt CIFAR file"),
+    # a pickle that would run code when loaded: refused by name, and nothing runs (no file "pwned" appears)
+    ("data-planted", "train", lambda d: [*_data_copy(d, _planted_batch), "--overwrite"], "data_batch_2 was not loaded: it asks to import io.open"),
+    ("resume-planted-checkpoint", "train", lambda d: then(_planted_checkpoint(d), "--resume"),
+     "checkpoint.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-checkpoint", "eval", _planted_checkpoint, "checkpoint.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-logits-cache", "eval", _planted_cache, "logits.pt was not loaded: it asks to import io.open"),
+    ("eval-planted-data", "eval", lambda d: [d.run, *_data_copy(d, _planted_batch)], "data_batch_2 was not loaded"),
     ("existing-run", "train", lambda d: [], "already holds a run"),
     ("resume-without-checkpoint", "train", lambda d: ["--out", d.case / "fresh", "--resume"], "no checkpoint"),
     ("resume-truncated-checkpoint", "train", lambda d: then(_truncate(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
@@ -479,7 +553,21 @@ CASES = [
     ("eval-other-data", "eval", lambda d: [d.run, "--data-root", d.odd], "does not give the split"),
     ("eval-data-missing", "eval", lambda d: [d.run, "--data-root", d.case / "empty"], "cifar10 not found"),
     ("eval-negative-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1"], "--tau -1 is negative"),
+    ("eval-nan-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "nan"], "--tau must be a finite number, got nan"),
+    ("eval-inf-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "inf"], "--tau must be a finite number, got inf"),
+    ("eval-infinite-sweep", "eval", lambda d: [d.run, "--tau-sweep", "--taus", "0:inf:0.5"], "need finite numbers"),
+    ("eval-endless-sweep", "eval", lambda d: [d.run, "--tau-sweep", "--taus", "0:3:1e-12"], "more than 10,000 values"),
+    ("eval-zero-batch-size", "eval", lambda d: [d.run, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    # runs trained before an emptying rho was refused: post-hoc adjustment would subtract log(0)
+    ("eval-posthoc-empty-class", "eval", lambda d: [*_run_with_an_empty_class(d), "--posthoc"],
+     "class 9 had no training image, so its log-prior is -inf"),
+    ("eval-sweep-empty-class-cached", "eval", lambda d: [*_cache_with_an_empty_class(d), "--tau-sweep"], "class 9 had no training image"),
     ("eval-unknown-flag", "eval", lambda d: [d.run, "--frobnicate"], "unrecognized arguments"),
+]
+# (id, script, setup, ""): inputs near the bad ones that must work
+ALLOWED = [
+    ("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1", "--allow-negative-tau"], ""),
+    ("eval-raw-empty-class", "eval", _run_with_an_empty_class, ""),
 ]
 CASE_ENV = {
     # no network: every HTTP(S) request goes to a closed local port
@@ -505,8 +593,7 @@ def bad_input_results(reference, fake_root, odd_root, tmp_path_factory):
     """Set every case up, run them all in one interpreter, return {id: (result, snapshot before, after)}."""
     base = tmp_path_factory.mktemp("bad_input")
     specs, before = [], {}
-    for case_id, script, setup, _ in CASES + [("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1",
-                                                                                                  "--allow-negative-tau"], "")]:
+    for case_id, script, setup, _ in CASES + ALLOWED:
         d = Dirs(base / case_id, base / case_id / "run", fake_root, odd_root)
         shutil.copytree(reference, d.run)
         (d.case / "empty").mkdir()
@@ -542,7 +629,55 @@ def test_negative_tau_is_allowed_with_its_flag(bad_input_results):
     assert "post-hoc tau=-1" in result["stdout"]
 
 
+def test_a_run_with_an_empty_class_still_evaluates_raw(bad_input_results):
+    result, _, _ = bad_input_results["eval-raw-empty-class"]
+    assert result["rc"] == 0, result["stderr"]
+    assert "    9:     0" in result["stdout"]  # the per-class table shows its 0 training images
+
+
 def test_floats_without_a_dot_are_floats_not_type_errors():
     # YAML 1.1 reads 5e-4 as a string; a recipe or --set value written that way is still a number
     cfg = config.build(overrides=[("optim.weight_decay", "5e-4"), ("optim.gamma", "1e30"), ("loss.tau", "1")])
     assert (cfg.optim.weight_decay, cfg.optim.gamma, cfg.loss.tau) == (5e-4, 1e30, 1.0)
+
+
+# ---------------------------------------------------------------- loading never runs code
+
+def test_the_planted_payload_is_live(tmp_path):
+    """What the planted rows above stand on: loaded the unsafe way, a Payload does create its file."""
+    torch.save({"model": {}, "note": Payload(tmp_path / "by_torch_load")}, tmp_path / "planted.pt")
+    torch.load(tmp_path / "planted.pt", weights_only=False)
+    pickle.loads(pickle.dumps({"data": Payload(tmp_path / "by_pickle_load"), "labels": []}, PROTOCOL))
+    assert (tmp_path / "by_torch_load").exists() and (tmp_path / "by_pickle_load").exists()
+
+
+def test_rng_states_are_plain_data_and_restore_every_generator():
+    draws = lambda: (random.random(), float(np.random.rand()), float(np.random.randn()), float(torch.rand(1)))
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # numpy draws normals in pairs: the state now caches the second one
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(), buffer)
+    expected = draws()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert isinstance(state["numpy"][1], list)
+    train.set_rng_state(state)
+    assert draws() == expected
+    # the form older checkpoints hold: numpy's key as a uint32 array
+    state["numpy"] = (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
+    train.set_rng_state(state)
+    assert draws() == expected
+
+
+def test_checkpoints_from_before_plain_rng_states_still_load():
+    paths = sorted(REPO.glob("results/**/checkpoint.pt"))
+    assert paths, "results/ holds the committed checkpoints"
+    for path in paths:
+        with pytest.raises(pickle.UnpicklingError):  # they hold a numpy array ...
+            torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = checkpoint.load(path)  # ... which checkpoint.load admits, and nothing more
+        kind, key, *_ = ckpt["rng"]["numpy"]
+        assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
+        np.random.set_state(ckpt["rng"]["numpy"])
