@@ -24,6 +24,8 @@ PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}            # more train.py flags, e.g. "--set train.eval_every=10"
 PARALLEL=${PARALLEL:-1}     # runs trained at the same time (separate processes sharing the device)
 MPS=${MPS:-auto}            # with PARALLEL > 1 on an NVIDIA GPU: auto starts CUDA MPS where it can, 0 never
+TIME_LIMIT=${TIME_LIMIT:-}  # seconds from the start: training still running then stops (saving a checkpoint),
+                            # the rest is tabulated; running this again resumes. Empty: no limit
 
 # Paths the user gives stay relative to where they run this; only our own files are found through REPO.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -55,22 +57,26 @@ if (( PARALLEL > 1 )); then
     [[ $MPS == 0 ]] || mps_start
 fi
 
-launch() {
-    if (( NPROC > 1 )); then
-        # torchrun's own module, so the launcher and the workers use $PYTHON's torch
-        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"
-    else
-        "$PYTHON" "$@"
-    fi
-}
+launcher=("$PYTHON")
+# torchrun's own module, so the launcher and the workers use $PYTHON's torch
+(( NPROC > 1 )) && launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+if [[ -n $TIME_LIMIT ]]; then
+    [[ $TIME_LIMIT =~ ^[1-9][0-9]*$ ]] || { echo "TIME_LIMIT must be a number of seconds, not '$TIME_LIMIT'" >&2; exit 2; }
+    DEADLINE=$(( SECONDS + TIME_LIMIT ))
+fi
 
-train() {  # loss rho seed
-    local dir=$OUT/rho${2}_${1}_s${3} resume=()
+train() {  # loss rho seed; exit status 124 when TIME_LIMIT stopped it
+    local dir=$OUT/rho${2}_${1}_s${3} resume=() limit=()
     # train.py --resume finishes a started run, does nothing for a finished one and refuses one that trained
     # more epochs than asked; a directory without a checkpoint holds nothing to keep.
     if [[ -f $dir/checkpoint.pt ]]; then resume=(--resume); elif [[ -d $dir ]]; then resume=(--overwrite); fi
+    if [[ -n $TIME_LIMIT ]]; then
+        (( DEADLINE - SECONDS > 0 )) || return 124
+        # SIGTERM: train.py finishes its step, saves and exits; timeout then exits 124
+        limit=(timeout --kill-after=60 $(( DEADLINE - SECONDS )))
+    fi
     echo "== $dir: training${resume:+ (${resume[*]})}"
-    launch "$REPO/train.py" "${common[@]}" --rho "$2" --loss "$1" --seed "$3" --out "$dir" "${resume[@]}"
+    "${limit[@]}" "${launcher[@]}" "$REPO/train.py" "${common[@]}" --rho "$2" --loss "$1" --seed "$3" --out "$dir" "${resume[@]}"
 }
 
 evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, so this is cheap
@@ -81,7 +87,13 @@ evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, s
 }
 
 one_run() {  # loss rho seed
-    train "$@" && evaluate "$@"
+    local rc=0
+    train "$@" || rc=$?
+    if (( rc == 124 )); then
+        echo "== rho${2}_${1}_s${3}: stopped by TIME_LIMIT=$TIME_LIMIT s, not evaluated; run this again to continue it"
+        return 0
+    fi
+    (( rc == 0 )) && evaluate "$@"
 }
 
 epochs_said=${EPOCHS:-"the recipe's"}

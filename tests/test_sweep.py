@@ -108,3 +108,39 @@ def test_parallel_runs_equal_sequential_runs(tmp_path, fake_root):
 def test_parallel_must_be_a_count(tmp_path):
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env={"PARALLEL": "two"}, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "PARALLEL must be a positive integer, not 'two'"
+
+
+def test_time_limit_stops_training_and_still_tabulates(tmp_path, fake_root):
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), "TIME_LIMIT": "1",
+           "EXTRA": " ".join(TINY_EXTRA)}
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
+    assert proc.stdout.count("stopped by TIME_LIMIT=1 s, not evaluated") == 2
+    assert not list((tmp_path / "runs").glob("*/eval.json"))
+    assert "| Baseline | — (seed 89.39) |" in (tmp_path / "results" / "cifar10_rho_sweep.md").read_text()
+
+
+def test_gpu_job_packs_every_run_without_checkpoints(tmp_path, fake_root):
+    """scripts/gpu_job.sh on CPU: two runs at once, evaluated, tabulated and packed into one small archive."""
+    import tarfile
+
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+           "PARALLEL": "2", "WORK": str(tmp_path / "work"), "ARCHIVE_DIR": str(tmp_path / "out"),
+           "EXTRA": " ".join(TINY_EXTRA)}
+    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=180)
+    assert "packed" in proc.stdout
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+    for loss in ("ce", "la"):
+        for f in ("config.yaml", "split.json", "runtime.json", "metrics.jsonl", "eval.json", "eval.log"):
+            assert f"./runs/rho10_{loss}_s0/{f}" in names
+        assert f"./runs/rho10_{loss}_s0.log" in names
+    assert {"./job.log", "./cifar10_rho_sweep.md", "./cifar10_rho_sweep.csv"} <= names
+    assert not any(n.endswith(".pt") for n in names)
+
+
+def test_gpu_job_without_data_says_so(tmp_path):
+    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False,
+               env={"ARCHIVE_DIR": str(tmp_path / "out"), "DATA_ROOT": str(tmp_path / "nothing")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("set DATA_ROOT to it, or PACK to a folder with unpack.py")
