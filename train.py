@@ -146,6 +146,8 @@ def train(cfg, args, ctx):
     # ---- data: every rank builds the same subset; the hashes prove it
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
+    # a cuda_graph=true that cannot work is refused now, before the run directory is touched
+    precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, precision.resolve_compile(tc.compile, ctx.device))
     loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
