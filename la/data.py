@@ -38,11 +38,14 @@ class _CifarUnpickler(pickle.Unpickler):
     """Rebuilds only what the CIFAR python format holds: dicts, lists, strings, bytes, numbers and numpy arrays.
 
     A pickle rebuilds objects by importing and calling what it names; a planted file could name os.system.
-    Here the only names are numpy's array reconstructor (under its numpy 1 and 2 module names), ndarray and dtype.
+    Here the only names are numpy's array reconstructors (protocols 0-4, and 5's from a buffer; under numpy 1's
+    and numpy 2's module names), ndarray and dtype: each builds an array from bytes and nothing else.
     """
-    _reconstruct = np.empty(0).__reduce__()[0]
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("core", "_core"):
+        ALLOWED[f"numpy.{core}.multiarray", "_reconstruct"] = np.empty(0).__reduce__()[0]
+        ALLOWED[f"numpy.{core}.numeric", "_frombuffer"] = np.empty(0).__reduce_ex__(5)[0]
+    del core
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

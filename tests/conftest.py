@@ -12,8 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-# Pickle protocol of the generated files: 4, as CIFAR re-pickled by Python 3. Protocol 5 stores numpy arrays through
-# numpy's _frombuffer, which the CIFAR format never holds and la/data.py's unpickler refuses.
+# Pickle protocol of the generated files: 4, as CIFAR re-pickled by Python 3 (test_data.py tries 3 and 5 too).
 PROTOCOL = 4
 
 

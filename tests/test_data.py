@@ -131,6 +131,11 @@ def test_arrays_pickled_by_numpy_1_and_2_both_load(tmp_path, fake_root):
     assert b"numpy._core.multiarray\n_reconstruct" in pickled
     (base / "data_batch_1").write_bytes(pickled.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
     assert all(np.array_equal(a, b) for a, b in zip(data.load_cifar(tmp_path, "cifar10"), expected))
+    # protocol 5 (Python 3.8+'s default for some writers) rebuilds arrays from a buffer
+    pickled = pickle.dumps(pickle.load(open(base / "data_batch_2", "rb")), 5)
+    assert b"_frombuffer" in pickled
+    (base / "data_batch_2").write_bytes(pickled)
+    assert all(np.array_equal(a, b) for a, b in zip(data.load_cifar(tmp_path, "cifar10"), expected))
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
