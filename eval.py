@@ -16,8 +16,10 @@ import torch
 
 from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
 
-ROWS = (("top1", "top-1"), ("balanced_acc", "balanced acc"), ("many", "many-shot (>100)"),
-        ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"), ("nll", "NLL"), ("ece", "ECE (15 bins)"))
+ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
+                 ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
+ROWS = ACCURACY_ROWS + (("many", "many-shot (>100)"), ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"),
+                        ("nll", "NLL"), ("ece", "ECE (15 bins)"))
 
 
 def parse_args(argv):
@@ -91,17 +93,22 @@ def load_logits(run_dir, ckpt_path, args, ctx):
 
 
 def fmt(v):
-    return "absent" if v is None else f"{v:.2f}"
+    """A number, an interval [low, high] as low-high, or absent."""
+    if v is None:
+        return "absent"
+    return f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, list) else f"{v:.2f}"
 
 
-def print_table(title, columns, counts):
-    """columns: {label: metrics dict}."""
+def print_table(title, columns, counts=None, rows=ROWS):
+    """columns: {label: metrics dict}; per-class rows when counts are given."""
     labels = list(columns)
     width = max(14, *(len(l) + 2 for l in labels))
     print(f"\n{title}")
     print(f"{'':22s}" + "".join(f"{l:>{width}s}" for l in labels))
-    for key, name in ROWS:
+    for key, name in rows:
         print(f"{name:22s}" + "".join(f"{fmt(columns[l][key]):>{width}s}" for l in labels))
+    if counts is None:
+        return
     print(f"per-class accuracy (class: train images)")
     for c, n in enumerate(counts):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
@@ -117,7 +124,10 @@ def evaluate_run(path, args, ctx):
               f"post-hoc adjustment subtracts the prior a second time", file=sys.stderr)
     report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "loss": loss_name,
               "class_counts": counts}
-    for split, (logits, labels) in splits.items():
+    for split in ("test", "val"):
+        if split not in splits:
+            continue
+        logits, labels = splits[split]
         columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
         if args.posthoc:
             columns[f"post-hoc tau={args.tau:g}"] = metrics.evaluate_logits(
@@ -127,6 +137,9 @@ def evaluate_run(path, args, ctx):
             report[split]["posthoc"] = {"tau": args.tau, **columns[f"post-hoc tau={args.tau:g}"]}
         if split == "test":
             print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
+        else:
+            print_table(f"{run_dir.name}: validation split ({len(labels)} images, held out of training)", columns,
+                        rows=ACCURACY_ROWS)
     if args.tau_sweep:
         if "val" not in splits:
             raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")

@@ -42,7 +42,9 @@ def sweep(val, test, log_pi, taus):
 
     def result(tau):
         v, t = _at(*val, log_pi, tau, counts), _at(*test, log_pi, tau, counts)
-        return {"tau": tau, "val_balanced_acc": v["balanced_acc"], "test_top1": t["top1"], "test_balanced_acc": t["balanced_acc"]}
+        return {"tau": tau, "val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"],
+                "test_top1": t["top1"], "test_top1_ci95": t["top1_ci95"],
+                "test_balanced_acc": t["balanced_acc"], "test_balanced_acc_ci95": t["balanced_acc_ci95"]}
 
     curve["paper_default"] = result(1.0)
     curve["validation_chosen"] = result(_best(taus, curve["val_balanced_acc"]))
@@ -54,9 +56,11 @@ def describe(s):
     rows = (("paper_default", "tau = 1 (paper default)"),
             ("validation_chosen", "tau chosen on validation (the fair result)"),
             ("oracle_test_tuned", "tau* tuned on test (ORACLE: compare only with the paper's tau* column)"))
-    lines = [f"\npost-hoc tau sweep over {len(s['taus'])} values ({s['taus'][0]:g}..{s['taus'][-1]:g})"]
+    ci = lambda r, key: f"{r[key]:.2f} ({r[key + '_ci95'][0]:.2f}-{r[key + '_ci95'][1]:.2f})"
+    lines = [f"\npost-hoc tau sweep over {len(s['taus'])} values ({s['taus'][0]:g}..{s['taus'][-1]:g}); "
+             f"95 % intervals in parentheses"]
     for key, label in rows:
         r = s[key]
-        lines.append(f"  {label:72s} tau={r['tau']:<5g} test top-1 {r['test_top1']:.2f}  "
-                     f"test balanced {r['test_balanced_acc']:.2f}  val balanced {r['val_balanced_acc']:.2f}")
+        lines.append(f"  {label:72s} tau={r['tau']:<5g} test top-1 {ci(r, 'test_top1')}  "
+                     f"test balanced {ci(r, 'test_balanced_acc')}  val balanced {ci(r, 'val_balanced_acc')}")
     return "\n".join(lines)

@@ -56,11 +56,17 @@ def test_eval_defaults_to_latest_and_warns_on_double_counting(two_runs, fake_roo
 def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
     cwd, _, _ = two_runs
     run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
-    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    out = run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["test"]["raw"]["top1"] == pytest.approx(last["test_top1"])
     assert report["val"]["raw"]["balanced_acc"] == pytest.approx(last["val_balanced_acc"])
+    # both splits' accuracies carry their 95 % intervals, in eval.json and in the printed tables
+    for split in ("test", "val"):
+        m = report[split]["raw"]
+        assert m["top1_ci95"][0] <= m["top1"] <= m["top1_ci95"][1] and m["top1_ci95"][0] < m["top1_ci95"][1]
+        assert m["balanced_acc_ci95"][0] <= m["balanced_acc"] <= m["balanced_acc_ci95"][1]
+    assert out.stdout.count("95 % interval") == 4 and "validation split (20 images" in out.stdout
 
 
 @pytest.mark.skipif(precision.cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")

@@ -55,6 +55,23 @@ def test_balanced_accuracy_and_shot_groups_by_hand():
     assert m2["many"] == pytest.approx(100 * 1.25 / 3) and m2["medium"] is None and m2["few"] is None
 
 
+def test_intervals_by_hand():
+    # Wilson 95 % for 7 of 10 (textbook value 0.3968-0.8922); a normal interval would give 0.416-0.984
+    assert metrics.wilson_ci95(7, 10) == pytest.approx([39.68, 89.22], abs=0.01)
+    lo, hi = metrics.wilson_ci95(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(16.11, abs=0.01)  # nothing right still leaves room above 0
+    # balanced accuracy of classes (3/4, 1/2, 0/2): var = (.75 * .25 / 4 + .5 * .5 / 2 + 0) / 3^2
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1, 1, 0, 0, 1], 3), labels, [500, 50, 5])
+    half = 1.959964 * math.sqrt((0.75 * 0.25 / 4 + 0.25 / 2) / 9)
+    assert m["balanced_acc_ci95"] == pytest.approx([100 * (5 / 12 - half), 100 * (5 / 12 + half)])
+    assert m["top1_ci95"] == pytest.approx(metrics.wilson_ci95(4, 8)) and m["images"] == 8
+    # a class with no test image is not a class of the balanced mean, nor of its variance; the top is clipped at 100
+    m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1], 3), labels[:4], [500, 50, 5])
+    half = 1.959964 * math.sqrt(0.75 * 0.25 / 4)
+    assert m["balanced_acc_ci95"] == pytest.approx([100 * (0.75 - half), 100.0])
+
+
 def test_nll_and_ece_by_hand():
     # two images, both predicted class 0 with confidence p; one right, one wrong
     p = 0.8
