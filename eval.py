@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
+from la import (UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision,
+                provenance, tausweep)
 
 ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
                  ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
@@ -53,17 +54,29 @@ def resolve(path):
     raise UserError(f"no run at {path}{hint}")
 
 
+def checkpoint_state(ckpt):
+    """How far the checkpoint's run got: {"finished", "epoch", "step", "epochs"} (epoch: epochs completed; step:
+    steps into the next one, after a stop by signal)."""
+    epochs = ckpt["config"]["train"]["epochs"]
+    epoch, step = ckpt["epoch"], ckpt.get("step", 0)
+    return {"finished": epoch >= epochs and not step, "epoch": epoch, "step": step, "epochs": epochs}
+
+
 def load_logits(run_dir, ckpt_path, args, ctx):
-    """{split: (logits, labels)} for val and test, from the cache when it belongs to this checkpoint."""
+    """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
+    "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
+    belongs to this checkpoint."""
     sha = checkpoint.file_sha256(ckpt_path)
     cache = run_dir / "logits.pt"
     if cache.is_file():
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
-            if cached.get("checkpoint_sha256") == sha:
-                return cached["splits"], cached["class_counts"], cached["config"], sha
         except Exception:
-            pass  # unreadable cache: recompute it
+            cached = None  # unreadable cache: recompute it
+        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
+            if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
+                cached["checkpoint_state"] = checkpoint_state(checkpoint.load(ckpt_path))
+            return {"computed_with": None, **cached}
     ckpt = checkpoint.load(ckpt_path)
     cfg = config.from_dict(ckpt["config"])
     if args.data_root:
@@ -87,9 +100,10 @@ def load_logits(run_dir, ckpt_path, args, ctx):
         if len(y):
             logits = engine.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
             out[name] = (logits, torch.as_tensor(y))
-    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"]}
+    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"],
+             "checkpoint_state": checkpoint_state(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
     checkpoint.save_atomic(entry, cache)
-    return out, ckpt["class_counts"], ckpt["config"], sha
+    return entry
 
 
 def fmt(v):
@@ -114,16 +128,29 @@ def print_table(title, columns, counts=None, rows=ROWS):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
 
 
+def progress(state):
+    """'epoch 64 of 200', or 'epoch 64, step 37 into epoch 65, of 200'."""
+    at = f"epoch {state['epoch']}" + (f", step {state['step']} into epoch {state['epoch'] + 1}," if state["step"] else "")
+    return f"{at} of {state['epochs']}"
+
+
 def evaluate_run(path, args, ctx):
     run_dir, ckpt_path = resolve(path)
-    splits, counts, cfg_dict, sha = load_logits(run_dir, ckpt_path, args, ctx)
+    entry = load_logits(run_dir, ckpt_path, args, ctx)
+    splits, counts, cfg_dict, sha = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_sha256"]
     loss_name, train_tau = cfg_dict["loss"]["name"], cfg_dict["loss"]["tau"]
     log_pi = losses.log_prior(counts)
     if args.posthoc and loss_name == "la":
         print(f"warning: {run_dir.name} was trained with the logit-adjusted loss (tau={train_tau:g}); "
               f"post-hoc adjustment subtracts the prior a second time", file=sys.stderr)
-    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "loss": loss_name,
-              "class_counts": counts}
+    state = entry["checkpoint_state"]
+    if not state["finished"]:
+        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {progress(state)}; "
+              f"these are the numbers of a partly trained model")
+    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, **state, "loss": loss_name,
+              "class_counts": counts, "evaluated_with": {**provenance.git_state(), "argv": list(sys.argv),
+                                                         "torch": str(torch.__version__)},
+              "logits_computed_with": entry["computed_with"]}
     for split in ("test", "val"):
         if split not in splits:
             continue
@@ -149,7 +176,8 @@ def evaluate_run(path, args, ctx):
         png = run_dir / "tau_sweep.png"
         from la import plots
 
-        plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name})")
+        unfinished = "" if state["finished"] else f", UNFINISHED: {progress(state)}"
+        plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name}{unfinished})")
         print(f"plot: {png}")
     save_report(run_dir / "eval.json", report)
     return report

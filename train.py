@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, models, precision
+from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, models, precision, provenance
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -191,6 +191,7 @@ def train(cfg, args, ctx):
             tmp.unlink()
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
         (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
+        provenance.record(run_dir, ctx.device, prec, (start_epoch, start_step) if args.resume else None)
         update_latest(run_dir)
 
     raw_model = model

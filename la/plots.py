@@ -31,10 +31,11 @@ def per_class(reports, path):
         series = [("raw", "CE" if r["loss"] == "ce" else "LA loss")]
         if "posthoc" in r["test"] and r["loss"] == "ce":
             series.append(("posthoc", f"CE + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
+        unfinished = f" [UNFINISHED: epoch {r['epoch']} of {r['epochs']}]" if r.get("finished") is False else ""
         for key, label in series:
             acc = [r["test"][key]["per_class"][c] for c in order]
             ax.plot(range(len(order)), acc, marker="o", markersize=3,
-                    label=f"{label}: balanced {r['test'][key]['balanced_acc']:.1f}%")
+                    label=f"{label}: balanced {r['test'][key]['balanced_acc']:.1f}%{unfinished}")
     ax.set(xlabel="class, head to tail (training images)", ylabel="test accuracy (%)", ylim=(0, 100))
     if len(order) <= 20:
         ax.set_xticks(range(len(order)), [f"{c}\n({counts[c]})" for c in order], fontsize=7)

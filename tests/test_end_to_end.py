@@ -116,6 +116,31 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     assert torch.load(run_dir / "logits.pt", weights_only=True)["splits"]["test"][0].shape == (100, 10)
 
 
+def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
+    cwd, _, _ = two_runs
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_ce_s0", run_dir)
+    finished = run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    assert "UNFINISHED" not in finished.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert (report["finished"], report["epoch"], report["step"], report["epochs"]) == (True, 2, 0, 2)
+    # as a stop by signal leaves it: one epoch done, 3 steps into the second (train.py saves epoch, step so)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["epoch"], ckpt["step"] = 1, 3
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    out = run([REPO / "eval.py", run_dir, "--data-root", fake_root, "--tau-sweep"], cwd).stdout
+    assert "UNFINISHED RUN: stopped's checkpoint is at epoch 1, step 3 into epoch 2, of 2" in out
+    assert out.index("UNFINISHED") < out.index("test set")  # said above the table
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert (report["finished"], report["epoch"], report["step"], report["epochs"]) == (False, 1, 3, 2)
+    # a cache written before the state was kept still evaluates (the state is read from the checkpoint)
+    cache = torch.load(run_dir / "logits.pt", weights_only=True)
+    del cache["checkpoint_state"]
+    torch.save(cache, run_dir / "logits.pt")
+    again = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd).stdout
+    assert "epoch 1, step 3 into epoch 2, of 2" in again
+
+
 def test_per_class_chart_of_ce_and_la(two_runs, fake_root, tmp_path):
     cwd, _, _ = two_runs
     png = tmp_path / "per_class.png"
