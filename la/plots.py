@@ -15,10 +15,16 @@ def tau_curve(sweep, path, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(sweep["taus"], sweep["val_balanced_acc"], label="validation (balanced, from unused train images)")
     ax.plot(sweep["taus"], sweep["test_balanced_acc"], label="test")
-    for key, style, label in (("validation_chosen", "--", "chosen on validation"), ("oracle_test_tuned", ":", "oracle tau*")):
+    rule = sweep["validation_chosen"]["rule"]
+    for key, style, label in (("validation_chosen", "--", f"chosen on validation ({rule})"), ("oracle_test_tuned", ":", "oracle")):
         ax.axvline(sweep[key]["tau"], linestyle=style, color="gray", label=f"{label} = {sweep[key]['tau']:g}")
-    ax.set(xlabel="post-hoc tau", ylabel="balanced accuracy (%)", title=title)
-    ax.legend(fontsize=7)
+    la = sweep["loss_tau"] != 0
+    xlabel = f"extra post-hoc t (total tau {sweep['loss_tau']:g} + t)" if la else "post-hoc tau"
+    ax.set(xlabel=xlabel, ylabel="balanced accuracy (%)", title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    nll = ax.twinx()
+    nll.plot(sweep["taus"], sweep["val_balanced_nll"], color="tab:red", alpha=0.4, linewidth=1)
+    nll.set_ylabel("validation balanced NLL", color="tab:red")
     _save(fig, path)
 
 

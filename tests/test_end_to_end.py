@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from la import precision
+from la import precision, tausweep
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,31 @@ def test_a_shortened_run_says_its_milestones_never_come(two_runs):
     assert ce.stdout.count("note: optim.milestones") == 1, "said once, by rank 0"
 
 
-def test_eval_defaults_to_latest_and_warns_on_double_counting(two_runs, fake_root):
+def test_eval_defaults_to_latest_and_says_the_total_shift_on_an_la_run(two_runs, fake_root):
     cwd, _, _ = two_runs
     out = run([REPO / "eval.py", "--posthoc", "--tau", "1", "--data-root", fake_root], cwd)
-    assert "cifar10-lt_rho10_la_s0" in out.stdout and "post-hoc tau=1" in out.stdout
-    assert "prior a second time" in out.stderr
+    assert "cifar10-lt_rho10_la_s0" in out.stdout and "post-hoc tau=1 (total 2)" in out.stdout
+    assert "post-hoc tau=1 on top shifts its logits by a total of 2 x log prior" in out.stdout and not out.stderr
     report = json.loads((cwd / "runs" / "cifar10-lt_rho10_la_s0" / "eval.json").read_text())
-    assert report["test"]["posthoc"]["tau"] == 1.0 and len(report["test"]["raw"]["per_class"]) == 10
+    assert report["test"]["posthoc"]["tau"] == 1.0 and report["test"]["posthoc"]["total_tau"] == 2.0
+    assert report["loss_tau"] == 1.0 and len(report["test"]["raw"]["per_class"]) == 10
+    # the sweep on an LA run is over an extra t on top of the loss's shift
+    sweep = run([REPO / "eval.py", "--tau-sweep", "--data-root", fake_root], cwd).stdout
+    assert "LA loss alone (total tau 1)" in sweep and "LA loss + post-hoc, total tau 1 + t, t chosen" in sweep
+
+
+def test_no_eval_flag_is_silently_ignored(two_runs, fake_root):
+    cwd, _, _ = two_runs
+    run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
+    out = run([REPO / "eval.py", run_dir, "--tau", "1.5", "--data-root", fake_root], cwd).stdout
+    assert "post-hoc tau=1.5" in out, "--tau implies --posthoc"
+    assert json.loads((run_dir / "eval.json").read_text())["test"]["posthoc"]["tau"] == 1.5
+    out = run([REPO / "eval.py", run_dir, "--taus", "0:2:0.5", "--data-root", fake_root], cwd).stdout
+    assert "swept over 5 values (0..2)" in out, "--taus implies --tau-sweep"
+    out = run([REPO / "eval.py", run_dir, "--tau-rule", "one-se", "--data-root", fake_root], cwd).stdout
+    assert "rule one-se" in out, "--tau-rule implies --tau-sweep"
+    out = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", fake_root], cwd).stdout
+    assert f"rule {tausweep.DEFAULT_RULE}:" in out  # the default rule, by name
 
 
 def test_eval_matches_the_last_training_epoch(two_runs, fake_root):

@@ -115,6 +115,62 @@ def test_tau_chosen_on_validation_differs_from_the_test_oracle():
     assert s["validation_chosen"]["test_balanced_acc"] == pytest.approx(75.0)
 
 
+def margins_split(margins, labels, gap):
+    """Two-class logits whose class-0 margin is margin * gap: the image flips to class 1 once tau exceeds margin."""
+    m = torch.tensor(margins, dtype=torch.float32) * gap
+    return torch.stack([m, torch.zeros(len(margins))], 1), torch.tensor(labels)
+
+
+def choices(val, lp, default=1.0, taus=None):
+    taus = taus or tausweep.parse_grid("0:3:0.05")
+    hit, nll = tausweep.per_tau(*val, lp, taus)
+    return {rule: tausweep.choose(rule, taus, hit, nll, val[1], 2, default) for rule in tausweep.RULES}
+
+
+def test_validation_nll_rule_finds_the_calibrated_shift_where_accuracy_is_flat():
+    # one image per class, both with class-0 margin 1.5 * gap: balanced NLL is symmetric in (1.5 - tau) * gap, so it
+    # is least at tau = 1.5, while balanced accuracy is 50 % at every tau (a tie, which goes to tau = 1)
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    picked = choices(margins_split([1.5, 1.5], [0, 1], gap), lp)
+    assert picked["val-nll"] == 1.5 and picked["val-acc"] == 1.0 and picked["one-se"] == 1.0
+
+
+def test_one_se_rule_keeps_the_default_unless_the_gain_exceeds_its_paired_standard_error():
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    # class 1: 4 images right from tau 0.5, 2 more from tau 2, 4 never; class 0: 9 always right, 1 wrong from tau 2.
+    # tau > 2 gains 2/10 on class 1 and loses 1/10 on class 0: balanced gain 0.05, paired SE sqrt(.016 + .009) / 2
+    margins = [0.5] * 4 + [2.0] * 2 + [10.0] * 4 + [-10.0] * 9 + [2.0]
+    val = margins_split(margins, [1] * 10 + [0] * 10, gap)
+    taus = tausweep.parse_grid("0:3:0.05")
+    hit, _ = tausweep.per_tau(*val, lp, taus)
+    se = tausweep.gain_se(hit[taus.index(2.05)], hit[taus.index(1.0)], val[1], 2)
+    assert se == pytest.approx(math.sqrt(0.016 + 0.009) / 2)
+    picked = choices(val, lp)
+    assert picked["val-acc"] == 2.05 and picked["one-se"] == 1.0  # 0.05 < 0.079: not worth leaving tau = 1
+    # without the class-0 loss the gain is 0.1 against an SE of sqrt(.016) / 2 = 0.063: the rule moves
+    val = margins_split(margins[:-1] + [-10.0], [1] * 10 + [0] * 10, gap)
+    assert choices(val, lp)["one-se"] == 2.05
+
+
+def test_la_runs_sweep_an_extra_shift_whose_default_is_none():
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    val = margins_split([0.5, 1.5], [1, 0], gap)  # best extra t: anything in (0.5, 1.5); ties nearest t = 0
+    test = margins_split([0.2, 0.7, 1.2], [1, 1, 0], gap)
+    s = tausweep.sweep(val, test, lp, tausweep.parse_grid("0.25:2:0.25"), "val-acc", loss_tau=1.0)
+    assert 0.0 in s["taus"]  # the default is always evaluated
+    assert (s["paper_default"]["tau"], s["paper_default"]["total_tau"]) == (0.0, 1.0)
+    assert (s["validation_chosen"]["tau"], s["validation_chosen"]["total_tau"]) == (0.75, 1.75)
+    assert s["validation_chosen"]["rule"] == "val-acc" and s["oracle_test_tuned"]["tau"] == 0.75
+    text = tausweep.describe(s)
+    assert "LA loss alone (total tau 1)" in text and "LA loss + post-hoc, total tau 1 + t" in text
+    assert "t=0.75  total 1.75" in text
+    ce = tausweep.sweep(val, test, lp, tausweep.parse_grid("0:2:0.25"), "val-acc")
+    assert ce["paper_default"]["tau"] == 1.0 and ce["validation_chosen"]["tau"] == 1.0  # tie nearest 1 after CE
+
+
 def test_float_noise_does_not_break_a_tie():
     # 79.5 computed two ways differs in the last bit; both are the best, and the tie goes to the tau nearest 1
     assert tausweep._best([2.0, 2.45], [79.5, 79.50000000000001]) == 2.0

@@ -485,6 +485,8 @@ CASES = [
     ("eval-data-missing", "eval", lambda d: [d.run, "--data-root", d.case / "empty"], "cifar10 not found"),
     ("eval-negative-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1"], "--tau -1 is negative"),
     ("eval-unknown-flag", "eval", lambda d: [d.run, "--frobnicate"], "unrecognized arguments"),
+    ("eval-bad-tau-grid", "eval", lambda d: [d.run, "--taus", "1:0:0.5"], "need STEP > 0 and STOP >= START"),
+    ("eval-unknown-tau-rule", "eval", lambda d: [d.run, "--tau-rule", "best"], "invalid choice: 'best'"),
 ]
 CASE_ENV = {
     # no network: every HTTP(S) request goes to a closed local port
