@@ -92,7 +92,7 @@ def resampled(run, m, draws, rng):
 
 
 def measure(paths, args):
-    """{run name: {"own": ..., "val_per_class": ..., "resampled": {m: {rule: (mean, sd)}}}}."""
+    """{run name: {"own": ..., "val_per_class": ..., "resampled": {m: {rule: (mean, sd, worst) over draws}}}}."""
     rng, out = np.random.RandomState(args.seed), {}
     for path in paths:
         run = Run(path)
@@ -100,7 +100,8 @@ def measure(paths, args):
                "own": own_validation(run), "resampled": {}}
         for m in args.sizes:
             scores = resampled(run, m, args.draws, rng)
-            res["resampled"][m] = {r: (float(np.mean(v)), float(np.std(v, ddof=1))) for r, v in scores.items()}
+            res["resampled"][m] = {r: (float(np.mean(v)), float(np.std(v, ddof=1)), float(np.min(v)))
+                                   for r, v in scores.items()}
         out[run.name] = res
         print(f"measured {run.name}", file=sys.stderr)
     return out
@@ -122,15 +123,15 @@ def markdown(results, halves, chosen, args):
             own = results[n]["own"]
             lines.append(f"| {half} | {n} | " + " | ".join(f"{own[r][0]:g}: {own[r][1]:.2f}" for r in rules) + " |")
     lines += ["", f"Resampled validation splits ({args.draws} draws of m images per class from the test set, scored on "
-              f"the undrawn test images): mean test balanced accuracy (%) over the half's runs, (mean sd over draws).",
+              f"the undrawn test images): test balanced accuracy (%), mean over draws (sd over draws; worst draw), "
+              f"each averaged over the half's runs.",
               "", "| half | rule | " + " | ".join(f"m = {m}" for m in args.sizes) + " |", "|---" * (len(args.sizes) + 2) + "|"]
     for half, names in halves.items():
         for rule in rules[:-1]:
             cells = []
             for m in args.sizes:
-                mean = np.mean([results[n]["resampled"][m][rule][0] for n in names])
-                sd = np.mean([results[n]["resampled"][m][rule][1] for n in names])
-                cells.append(f"{mean:.2f} ({sd:.2f})")
+                mean, sd, worst = np.mean([results[n]["resampled"][m][rule] for n in names], axis=0)
+                cells.append(f"{mean:.2f} ({sd:.2f}; {worst:.2f})")
             lines.append(f"| {half} | {head.get(rule, rule)} | " + " | ".join(cells) + " |")
     lines += ["", f"Chosen on the choose half: **{chosen}** ({tausweep.RULES[chosen]}). "
               f"Made at commit {provenance.short_commit(provenance.git_state())}."]

@@ -46,7 +46,7 @@ def test_a_resampled_draw_is_scored_on_the_undrawn_images_only(tmp_path):
 
 
 def test_the_rule_is_picked_on_the_choose_half_alone():
-    results = {n: {"resampled": {20: {r: (score, 0.1) for r, score in zip(tausweep.RULES, scores)}}}
+    results = {n: {"resampled": {20: {r: (score, 0.1, score - 1) for r, score in zip(tausweep.RULES, scores)}}}
                for n, scores in (("a", (80, 81, 79)), ("b", (80, 82, 79)), ("c", (90, 70, 70)))}
     rule, means = tau_rules.pick(results, ["a", "b"], 20)
     assert rule == list(tausweep.RULES)[1] and means[rule] == 81.5  # c, where another rule wins, is not looked at
