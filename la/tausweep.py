@@ -16,7 +16,7 @@ RULES = {
     "val-nll": "minimum validation balanced NLL",
     "one-se": "the default unless the validation gain in balanced accuracy exceeds its standard error",
 }
-DEFAULT_RULE = "val-acc"
+DEFAULT_RULE = "val-nll"  # chosen in results/tau_rules.md (RESULTS.md, "Choosing tau")
 
 
 def parse_grid(spec):

@@ -108,7 +108,7 @@ def test_tau_chosen_on_validation_differs_from_the_test_oracle():
     # test: class-1 images flip at 0.5 and 2.5, class-0 image at 3.5 -> oracle tau in [2.5, 3.5)
     test = split([0.5 * gap, 2.5 * gap, 3.5 * gap], [1, 1, 0])
     taus = tausweep.parse_grid("0:4:0.25")
-    s = tausweep.sweep(val, test, lp, taus)
+    s = tausweep.sweep(val, test, lp, taus, "val-acc")
     assert 0.5 < s["validation_chosen"]["tau"] < 1.5 and s["validation_chosen"]["tau"] == 1.0  # tie -> nearest 1
     assert 2.5 < s["oracle_test_tuned"]["tau"] < 3.5
     assert s["oracle_test_tuned"]["test_balanced_acc"] == 100.0

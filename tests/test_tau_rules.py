@@ -63,3 +63,8 @@ def test_script_end_to_end(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert md.count("| choose |") == 2 + 4 and md.count("| report |") == 2 + 4  # runs, then default and 3 rules
 
+
+
+def test_the_default_rule_is_the_one_measured():
+    """eval.py --tau-sweep's default is the rule results/tau_rules.json chose; change both or neither."""
+    assert json.loads((REPO / "results" / "tau_rules.json").read_text())["chosen"] == tausweep.DEFAULT_RULE
