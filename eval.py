@@ -64,14 +64,6 @@ def resolve(path):
     raise UserError(f"no run at {path}{hint}")
 
 
-def checkpoint_state(ckpt):
-    """How far the checkpoint's run got: {"finished", "epoch", "step", "epochs"} (epoch: epochs completed; step:
-    steps into the next one, after a stop by signal)."""
-    epochs = ckpt["config"]["train"]["epochs"]
-    epoch, step = ckpt["epoch"], ckpt.get("step", 0)
-    return {"finished": epoch >= epochs and not step, "epoch": epoch, "step": step, "epochs": epochs}
-
-
 def load_logits(run_dir, ckpt_path, args, ctx):
     """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
     "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
@@ -85,7 +77,7 @@ def load_logits(run_dir, ckpt_path, args, ctx):
             cached = None  # unreadable cache: recompute it
         if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
             if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
-                cached["checkpoint_state"] = checkpoint_state(checkpoint.load(ckpt_path))
+                cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
             return {"computed_with": None, **cached}
     ckpt = checkpoint.load(ckpt_path)
     cfg = config.from_dict(ckpt["config"])
@@ -111,7 +103,7 @@ def load_logits(run_dir, ckpt_path, args, ctx):
             logits = engine.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
             out[name] = (logits, torch.as_tensor(y))
     entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"],
-             "checkpoint_state": checkpoint_state(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
+             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
     checkpoint.save_atomic(entry, cache)
     return entry
 
@@ -136,12 +128,6 @@ def print_table(title, columns, counts=None, rows=ROWS):
     print(f"per-class accuracy (class: train images)")
     for c, n in enumerate(counts):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
-
-
-def progress(state):
-    """'epoch 64 of 200', or 'epoch 64, step 37 into epoch 65, of 200'."""
-    at = f"epoch {state['epoch']}" + (f", step {state['step']} into epoch {state['epoch'] + 1}," if state["step"] else "")
-    return f"{at} of {state['epochs']}"
 
 
 def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss_tau):
@@ -170,7 +156,7 @@ def tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state):
     png = run_dir / "tau_sweep.png"
     from la import plots
 
-    unfinished = "" if state["finished"] else f", UNFINISHED: {progress(state)}"
+    unfinished = "" if state["finished"] else f", UNFINISHED: {checkpoint.describe_progress(state)}"
     plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name}{unfinished})")
     print(f"plot: {png}")
     return sweep
@@ -183,7 +169,7 @@ def evaluate_run(path, args, ctx):
     loss_name = cfg_dict["loss"]["name"]
     loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
     if not state["finished"]:
-        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {progress(state)}; "
+        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
               f"these are the numbers of a partly trained model")
     if args.posthoc and loss_tau:
         print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "

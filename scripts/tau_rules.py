@@ -11,7 +11,8 @@ Reads each run's logits.pt (eval.py writes it). Two measurements of every rule i
   split without retraining; the drawn images are never scored.
 
 The rule chosen has the best mean resampled test balanced accuracy at m = the runs' own validation size,
-averaged over the --choose runs; the --report runs are only looked at afterwards. Writes OUT.md and OUT.json.
+averaged over the --choose runs; the --report runs are only looked at afterwards. Runs whose checkpoint is
+before its last epoch are left out unless --include-unfinished (and marked then). Writes OUT.md and OUT.json.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from la import losses, provenance, tausweep  # noqa: E402
+from la import checkpoint, losses, provenance, tausweep  # noqa: E402
 
 TAUS = tausweep.parse_grid("0:3:0.05")
 
@@ -36,6 +37,7 @@ def parse_args(argv):
     p.add_argument("--sizes", type=int, nargs="+", default=[20, 50, 100], help="images per class in a resampled split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/tau_rules"), help="writes OUT.md and OUT.json")
+    p.add_argument("--include-unfinished", action="store_true", help="keep runs stopped before their last epoch")
     return p.parse_args(argv)
 
 
@@ -45,6 +47,9 @@ class Run:
     def __init__(self, run_dir):
         cache = torch.load(Path(run_dir) / "logits.pt", map_location="cpu", weights_only=True)
         self.name, self.cfg = str(run_dir), cache["config"]
+        self.progress = cache.get("checkpoint_state")  # caches from before it was kept: ask the checkpoint
+        if self.progress is None and (Path(run_dir) / "checkpoint.pt").is_file():
+            self.progress = checkpoint.progress(checkpoint.load(Path(run_dir) / "checkpoint.pt"))
         self.loss_tau = float(self.cfg["loss"]["tau"]) if self.cfg["loss"]["name"] == "la" else 0.0
         self.default = 0.0 if self.loss_tau else 1.0
         self.taus = sorted(set(TAUS) | {self.default})
@@ -91,13 +96,23 @@ def resampled(run, m, draws, rng):
     return scores
 
 
-def measure(paths, args):
+def finished(run):
+    return bool(run.progress and run.progress["finished"])
+
+
+def label(run):
+    """The run's name, marked when it has not finished (or nothing says whether it has)."""
+    if finished(run):
+        return run.name
+    return run.name + (f" (UNFINISHED: {checkpoint.describe_progress(run.progress)})" if run.progress else " (progress unknown)")
+
+
+def measure(runs, args):
     """{run name: {"own": ..., "val_per_class": ..., "resampled": {m: {rule: (mean, sd, worst) over draws}}}}."""
     rng, out = np.random.RandomState(args.seed), {}
-    for path in paths:
-        run = Run(path)
+    for run in runs:
         res = {"loss": run.cfg["loss"]["name"], "val_per_class": run.cfg["data"]["val_per_class"],
-               "own": own_validation(run), "resampled": {}}
+               "label": label(run), "progress": run.progress, "own": own_validation(run), "resampled": {}}
         for m in args.sizes:
             scores = resampled(run, m, args.draws, rng)
             res["resampled"][m] = {r: (float(np.mean(v)), float(np.std(v, ddof=1)), float(np.min(v)))
@@ -113,7 +128,7 @@ def pick(results, names, size):
     return max(tausweep.RULES, key=mean), {rule: float(mean(rule)) for rule in tausweep.RULES}
 
 
-def markdown(results, halves, chosen, args):
+def markdown(results, halves, chosen, args, left_out):
     rules = ["default", *tausweep.RULES, "oracle"]
     head = {"default": "default (tau 1 / t 0)", "oracle": "oracle (test-tuned)"}
     lines = ["Own validation split: tau (extra t for LA runs) chosen, test balanced accuracy (%) there.", "",
@@ -121,7 +136,7 @@ def markdown(results, halves, chosen, args):
     for half, names in halves.items():
         for n in names:
             own = results[n]["own"]
-            lines.append(f"| {half} | {n} | " + " | ".join(f"{own[r][0]:g}: {own[r][1]:.2f}" for r in rules) + " |")
+            lines.append(f"| {half} | {results[n]['label']} | " + " | ".join(f"{own[r][0]:g}: {own[r][1]:.2f}" for r in rules) + " |")
     lines += ["", f"Resampled validation splits ({args.draws} draws of m images per class from the test set, scored on "
               f"the undrawn test images): test balanced accuracy (%), mean over draws (sd over draws; worst draw), "
               f"each averaged over the half's runs.",
@@ -135,22 +150,30 @@ def markdown(results, halves, chosen, args):
             lines.append(f"| {half} | {head.get(rule, rule)} | " + " | ".join(cells) + " |")
     lines += ["", f"Chosen on the choose half: **{chosen}** ({tausweep.RULES[chosen]}). "
               f"Made at commit {provenance.short_commit(provenance.git_state())}."]
+    if left_out:
+        lines.append(f"Left out, not finished (--include-unfinished keeps them): {'; '.join(left_out)}.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     args = parse_args(argv)
-    halves = {"choose": [str(p) for p in args.choose], "report": [str(p) for p in args.report]}
-    results = measure(args.choose + args.report, args)
+    runs = {half: [Run(p) for p in paths] for half, paths in (("choose", args.choose), ("report", args.report))}
+    left_out = [label(r) for half in runs.values() for r in half if not finished(r) and not args.include_unfinished]
+    runs = {half: [r for r in rs if finished(r) or args.include_unfinished] for half, rs in runs.items()}
+    if not runs["choose"] or not runs["report"]:
+        raise SystemExit(f"error: a half has no finished run (left out: {'; '.join(left_out)})")
+    halves = {half: [r.name for r in rs] for half, rs in runs.items()}
+    results = measure(runs["choose"] + runs["report"], args)
     own_sizes = {results[n]["val_per_class"] for n in halves["choose"]}
     if len(own_sizes) != 1 or own_sizes.pop() not in args.sizes:
         raise SystemExit("error: the --choose runs need one validation size, and --sizes must include it")
     chosen, scores = pick(results, halves["choose"], results[halves["choose"][0]]["val_per_class"])
-    text = markdown(results, halves, chosen, args)
+    text = markdown(results, halves, chosen, args, left_out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(text)
     Path(f"{args.out}.json").write_text(json.dumps({"halves": halves, "chosen": chosen, "choose_scores": scores,
-                                                    "draws": args.draws, "runs": results}, indent=1) + "\n")
+                                                    "draws": args.draws, "left_out": left_out, "runs": results},
+                                                   indent=1) + "\n")
     print(text + f"\nwritten: {args.out}.md, {args.out}.json")
     return 0
 

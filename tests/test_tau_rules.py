@@ -14,7 +14,7 @@ tau_rules = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tau_rules)
 
 
-def fake_run(path, seed, loss="ce", per_class_test=30, val_per_class=5, counts=(300, 60, 12)):
+def fake_run(path, seed, loss="ce", per_class_test=30, val_per_class=5, counts=(300, 60, 12), epoch=3):
     """Cached logits of a made-up head-biased model: class scores plus noise plus a pull towards the prior."""
     g = torch.Generator().manual_seed(seed)
     lp = losses.log_prior(list(counts))
@@ -26,7 +26,8 @@ def fake_run(path, seed, loss="ce", per_class_test=30, val_per_class=5, counts=(
 
     path.mkdir(parents=True)
     torch.save({"config": {"loss": {"name": loss, "tau": 1.0}, "data": {"val_per_class": val_per_class}},
-                "class_counts": list(counts), "splits": {"val": split(val_per_class), "test": split(per_class_test)}},
+                "class_counts": list(counts), "splits": {"val": split(val_per_class), "test": split(per_class_test)},
+                "checkpoint_state": {"finished": epoch == 3, "epoch": epoch, "step": 0, "epochs": 3}},
                path / "logits.pt")
     return path
 
@@ -54,14 +55,20 @@ def test_the_rule_is_picked_on_the_choose_half_alone():
 
 def test_script_end_to_end(tmp_path):
     runs = [fake_run(tmp_path / f"r{i}", i, "la" if i == 3 else "ce") for i in range(4)]
+    runs.append(fake_run(tmp_path / "stopped", 4, epoch=1))
     out = tmp_path / "out" / "tau_rules"
-    tau_rules.main(["--choose", str(runs[0]), str(runs[3]), "--report", str(runs[1]), str(runs[2]),
-                    "--draws", "3", "--sizes", "5", "10", "--out", str(out)])
+    argv = ["--choose", str(runs[0]), str(runs[3]), "--report", str(runs[1]), str(runs[2]), str(runs[4]),
+            "--draws", "3", "--sizes", "5", "10", "--out", str(out)]
+    tau_rules.main(argv)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["chosen"] in tausweep.RULES and report["halves"]["report"] == [str(runs[1]), str(runs[2])]
     assert report["runs"][str(runs[3])]["own"]["default"][0] == 0.0  # on the LA run the default is no extra shift
     md = out.with_suffix(".md").read_text()
     assert md.count("| choose |") == 2 + 4 and md.count("| report |") == 2 + 4  # runs, then default and 3 rules
+    assert "Left out, not finished" in md and "stopped (UNFINISHED: epoch 1 of 3)" in md  # an unfinished run
+    tau_rules.main(argv + ["--include-unfinished"])
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| report |") == 3 + 4 and "| report | " + str(runs[4]) + " (UNFINISHED: epoch 1 of 3) |" in md
 
 
 
