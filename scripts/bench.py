@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
 
-from la import UserError, run_cli, config, data, engine, losses, models, precision, provenance  # noqa: E402
+from la import UserError, run_cli, config, data, engine, losses, models, precision  # noqa: E402
 
 DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
 
@@ -210,13 +211,37 @@ def gflop_per_image(cfg, n_classes):
 
 # ---------------------------------------------------------------- report
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
+
+
+def git(*cmd):
+    """stdout of a git command in the repository, or None without git or a commit."""
+    try:
+        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit():
+    """(short commit, whether the tree had uncommitted changes): results are only comparable with their code."""
+    commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+    return commit or "unknown", None if status is None else bool(status)
+
+
 def machine(device):
-    """Where the figures were measured; results are only comparable with their code (git_commit, git_dirty)."""
+    commit, dirty = git_commit()
     return {
-        "platform": platform.platform(), "processor": platform.processor(), "cpu": provenance.device_name("cpu"),
+        "platform": platform.platform(), "processor": platform.processor(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": device.type, "device_name": provenance.device_name(device),
-        "torch": str(torch.__version__), "python": platform.python_version(), **provenance.git_state(),
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
     }
 
 
@@ -236,7 +261,7 @@ LABELS = {"reference": "(a) reference", "train": "(b) train.py loop", "ceiling":
 
 def print_report(res):
     m, r = res["machine"], res
-    print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {provenance.short_commit(m)}")
+    print(f"\n{m['device_name']} ({m['device']}), {m['torch_threads']} torch threads, torch {m['torch']}, commit {m['git_commit']}")
     print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}, loss {r['loss']}, batch {r['batch_size']}")
     print(f"\n{'':20s} {'precision':>9s} {'compiled':>8s} {'graph':>5s} {'img/s':>9s} {'overall':>9s} {'min':>9s} {'max':>9s}")
     for name, fig in r["figures"].items():
