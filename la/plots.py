@@ -16,7 +16,8 @@ def tau_curve(sweep, path, title):
     ax.plot(sweep["taus"], sweep["val_balanced_acc"], label="validation (balanced, from unused train images)")
     ax.plot(sweep["taus"], sweep["test_balanced_acc"], label="test")
     rule = sweep["validation_chosen"]["rule"]
-    for key, style, label in (("validation_chosen", "--", f"chosen on validation ({rule})"), ("oracle_test_tuned", ":", "oracle")):
+    for key, style, label in (("validation_chosen", "--", f"chosen on validation ({rule})"),
+                              ("oracle_test_tuned", ":", "oracle")):
         ax.axvline(sweep[key]["tau"], linestyle=style, color="gray", label=f"{label} = {sweep[key]['tau']:g}")
     la = sweep["loss_tau"] != 0
     xlabel = f"extra post-hoc t (total tau {sweep['loss_tau']:g} + t)" if la else "post-hoc tau"

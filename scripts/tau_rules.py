@@ -1,6 +1,6 @@
 """Compare rules for choosing the post-hoc tau on validation: pick a rule on one half of the runs, report it on the other.
 
-    python scripts/tau_rules.py --choose RUN RUN --report RUN RUN [--draws 1000] [--sizes 20 50 100] [--out results/tau_rules]
+    python scripts/tau_rules.py --choose RUN RUN --report RUN RUN [--draws 1000] [--sizes 20 50 100] [--out OUT]
 
 Reads each run's logits.pt (eval.py writes it). Two measurements of every rule in la.tausweep.RULES:
 
@@ -104,7 +104,9 @@ def label(run):
     """The run's name, marked when it has not finished (or nothing says whether it has)."""
     if finished(run):
         return run.name
-    return run.name + (f" (UNFINISHED: {checkpoint.describe_progress(run.progress)})" if run.progress else " (progress unknown)")
+    if run.progress is None:
+        return run.name + " (progress unknown)"
+    return run.name + f" (UNFINISHED: {checkpoint.describe_progress(run.progress)})"
 
 
 def measure(runs, args):
@@ -136,7 +138,8 @@ def markdown(results, halves, chosen, args, left_out):
     for half, names in halves.items():
         for n in names:
             own = results[n]["own"]
-            lines.append(f"| {half} | {results[n]['label']} | " + " | ".join(f"{own[r][0]:g}: {own[r][1]:.2f}" for r in rules) + " |")
+            cells = " | ".join(f"{own[r][0]:g}: {own[r][1]:.2f}" for r in rules)
+            lines.append(f"| {half} | {results[n]['label']} | {cells} |")
     lines += ["", f"Resampled validation splits ({args.draws} draws of m images per class from the test set, scored on "
               f"the undrawn test images): test balanced accuracy (%), mean over draws (sd over draws; worst draw), "
               f"each averaged over the half's runs.",
