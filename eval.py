@@ -2,7 +2,7 @@
 
     python eval.py                          # runs/latest
     python eval.py RUN --posthoc --tau 1    # argmax f(x) - tau * log(prior)
-    python eval.py RUN --tau-sweep          # tau=1, tau chosen on validation, and the test-tuned oracle
+    python eval.py RUN --tau-sweep          # tau=1, tau chosen on validation by a named rule, the test-tuned oracle
     python eval.py CE_RUN LA_RUN --posthoc --plot per_class.png
 
 Logits are computed once per checkpoint and cached in the run directory (logits.pt).
@@ -15,30 +15,42 @@ from pathlib import Path
 
 import torch
 
-from la import UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision, tausweep
+from la import (UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision,
+                provenance, tausweep)
 
-ROWS = (("top1", "top-1"), ("balanced_acc", "balanced acc"), ("many", "many-shot (>100)"),
-        ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"), ("nll", "NLL"), ("ece", "ECE (15 bins)"))
+ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
+                 ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
+ROWS = ACCURACY_ROWS + (("many", "many-shot (>100)"), ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"),
+                        ("nll", "NLL"), ("ece", "ECE (15 bins)"))
 
 
 def parse_args(argv):
     p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", default=["runs/latest"], help="run directories or checkpoint files (default runs/latest)")
     p.add_argument("--posthoc", action="store_true", help="also report argmax f(x) - tau * log(prior)")
-    p.add_argument("--tau", type=float, default=1.0, help="post-hoc temperature (default 1, the paper's)")
+    p.add_argument("--tau", type=float, help="post-hoc temperature (default 1, the paper's); implies --posthoc")
     p.add_argument("--allow-negative-tau", action="store_true", help="permit --tau < 0 (it favours the head classes)")
-    p.add_argument("--tau-sweep", action="store_true", help="sweep tau; choose it on validation, report the oracle apart")
-    p.add_argument("--taus", default="0:3:0.05", metavar="START:STOP:STEP", help="sweep grid, STOP included (default 0:3:0.05)")
+    p.add_argument("--tau-sweep", action="store_true",
+                   help="sweep tau; choose it on validation by --tau-rule, report the test-tuned oracle apart")
+    p.add_argument("--tau-rule", choices=list(tausweep.RULES),
+                   help=f"how the sweep chooses tau on validation (default {tausweep.DEFAULT_RULE}); implies --tau-sweep")
+    p.add_argument("--taus", metavar="START:STOP:STEP",
+                   help="sweep grid, STOP included (default 0:3:0.05); implies --tau-sweep")
     p.add_argument("--plot", metavar="PNG", help="per-class accuracy chart of all runs, head to tail")
     p.add_argument("--data-root", help="where the dataset lives if logits must be computed (default: the run's)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args(argv)
+    # a flag that only means something with another turns that one on, rather than being silently ignored
+    args.posthoc |= args.tau is not None
+    args.tau = 1.0 if args.tau is None else args.tau
+    args.tau_sweep |= args.tau_rule is not None or args.taus is not None
+    args.tau_rule = args.tau_rule or tausweep.DEFAULT_RULE
+    args.taus = tausweep.parse_grid(args.taus or "0:3:0.05")  # now, not after the logits are computed
     if not math.isfinite(args.tau):
         raise UserError(f"--tau must be a finite number, got {args.tau}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    args.taus = tausweep.parse_grid(args.taus)  # now, not after the logits are computed
     if args.tau < 0 and not args.allow_negative_tau:
         raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
     return args
@@ -67,7 +79,9 @@ def check_prior(counts, run_dir, args):
 
 
 def load_logits(run_dir, ckpt_path, args, ctx):
-    """{split: (logits, labels)} for val and test, from the cache when it belongs to this checkpoint."""
+    """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
+    "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
+    belongs to this checkpoint."""
     sha = checkpoint.file_sha256(ckpt_path)
     cache = run_dir / "logits.pt"
     if cache.is_file():
@@ -79,7 +93,9 @@ def load_logits(run_dir, ckpt_path, args, ctx):
             cached = None  # unreadable cache: recompute it
         if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
             check_prior(cached["class_counts"], run_dir, args)
-            return cached["splits"], cached["class_counts"], cached["config"], sha
+            if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
+                cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
+            return {"computed_with": None, **cached}
     ckpt = checkpoint.load(ckpt_path)
     check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
@@ -107,59 +123,87 @@ def load_logits(run_dir, ckpt_path, args, ctx):
         if len(y):
             logits = engine.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
             out[name] = (logits, torch.as_tensor(y))
-    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"]}
+    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"],
+             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
     checkpoint.save_atomic(entry, cache)
-    return out, ckpt["class_counts"], ckpt["config"], sha
+    return entry
 
 
 def fmt(v):
-    return "absent" if v is None else f"{v:.2f}"
+    """A number, an interval [low, high] as low-high, or absent."""
+    if v is None:
+        return "absent"
+    return f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, list) else f"{v:.2f}"
 
 
-def print_table(title, columns, counts):
-    """columns: {label: metrics dict}."""
+def print_table(title, columns, counts=None, rows=ROWS):
+    """columns: {label: metrics dict}; per-class rows when counts are given."""
     labels = list(columns)
     width = max(14, *(len(l) + 2 for l in labels))
     print(f"\n{title}")
     print(f"{'':22s}" + "".join(f"{l:>{width}s}" for l in labels))
-    for key, name in ROWS:
+    for key, name in rows:
         print(f"{name:22s}" + "".join(f"{fmt(columns[l][key]):>{width}s}" for l in labels))
+    if counts is None:
+        return
     print(f"per-class accuracy (class: train images)")
     for c, n in enumerate(counts):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
 
 
+def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss_tau):
+    """Raw and (with --posthoc) post-hoc metrics of one split, printed and returned for eval.json."""
+    log_pi = losses.log_prior(counts)
+    columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
+    report = {"raw": columns["raw"]}
+    if args.posthoc:
+        label = f"post-hoc tau={args.tau:g}" + (f" (total {loss_tau + args.tau:g})" if loss_tau else "")
+        columns[label] = metrics.evaluate_logits(losses.posthoc_adjust(logits, log_pi, args.tau), labels, counts)
+        report["posthoc"] = {"tau": args.tau, "total_tau": loss_tau + args.tau, **columns[label]}
+    if split == "test":
+        print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
+    else:
+        print_table(f"{run_dir.name}: validation split ({len(labels)} images, held out of training)", columns,
+                    rows=ACCURACY_ROWS)
+    return report
+
+
+def tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state):
+    """The sweep's three labelled results, printed and plotted."""
+    if "val" not in splits:
+        raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
+    sweep = tausweep.sweep(splits["val"], splits["test"], losses.log_prior(counts), args.taus, args.tau_rule, loss_tau)
+    print(tausweep.describe(sweep))
+    png = run_dir / "tau_sweep.png"
+    from la import plots
+
+    unfinished = "" if state["finished"] else f", UNFINISHED: {checkpoint.describe_progress(state)}"
+    plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name}{unfinished})")
+    print(f"plot: {png}")
+    return sweep
+
+
 def evaluate_run(path, args, ctx):
     run_dir, ckpt_path = resolve(path)
-    splits, counts, cfg_dict, sha = load_logits(run_dir, ckpt_path, args, ctx)
-    loss_name, train_tau = cfg_dict["loss"]["name"], cfg_dict["loss"]["tau"]
-    log_pi = losses.log_prior(counts)
-    if args.posthoc and loss_name == "la":
-        print(f"warning: {run_dir.name} was trained with the logit-adjusted loss (tau={train_tau:g}); "
-              f"post-hoc adjustment subtracts the prior a second time", file=sys.stderr)
-    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": sha, "loss": loss_name,
-              "class_counts": counts}
-    for split, (logits, labels) in splits.items():
-        columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
-        if args.posthoc:
-            columns[f"post-hoc tau={args.tau:g}"] = metrics.evaluate_logits(
-                losses.posthoc_adjust(logits, log_pi, args.tau), labels, counts)
-        report[split] = {"raw": columns["raw"]}
-        if args.posthoc:
-            report[split]["posthoc"] = {"tau": args.tau, **columns[f"post-hoc tau={args.tau:g}"]}
-        if split == "test":
-            print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
+    entry = load_logits(run_dir, ckpt_path, args, ctx)
+    splits, counts, cfg_dict, state = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_state"]
+    loss_name = cfg_dict["loss"]["name"]
+    loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
+    if not state["finished"]:
+        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
+              f"these are the numbers of a partly trained model")
+    if args.posthoc and loss_tau:
+        print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "
+              f"tau={args.tau:g} on top shifts its logits by a total of {loss_tau + args.tau:g} x log prior")
+    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": entry["checkpoint_sha256"],
+              **state, "loss": loss_name, "loss_tau": loss_tau, "class_counts": counts,
+              "evaluated_with": {**provenance.git_state(), "argv": list(sys.argv), "torch": str(torch.__version__)},
+              "logits_computed_with": entry["computed_with"]}
+    for split in ("test", "val"):
+        if split in splits:
+            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau)
     if args.tau_sweep:
-        if "val" not in splits:
-            raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
-        sweep = tausweep.sweep(splits["val"], splits["test"], log_pi, args.taus)
-        report["tau_sweep"] = sweep
-        print(tausweep.describe(sweep))
-        png = run_dir / "tau_sweep.png"
-        from la import plots
-
-        plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name})")
-        print(f"plot: {png}")
+        report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state)
     save_report(run_dir / "eval.json", report)
     return report
 

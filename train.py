@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, precision
+from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, precision, provenance
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -216,6 +216,7 @@ def train(cfg, args, ctx):
     model = model if compiled is None else compiled
     if ctx.is_main:
         (run_dir / "runtime.json").write_text(json.dumps(runtime.to_dict(), indent=1) + "\n")
+        provenance.record(run_dir, ctx.device, runtime.precision, (start_epoch, start_step) if args.resume else None)
     train_step = engine.make_train_step(model, criterion, optimizer, runtime.precision, ctx.device, runtime.cuda_graph,
                                         tc.batch_size)
 

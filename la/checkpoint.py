@@ -76,6 +76,20 @@ def load(path, map_location="cpu"):
     return ckpt
 
 
+def progress(ckpt):
+    """How far a checkpoint's run got: {"finished", "epoch", "step", "epochs"} (epoch: epochs completed; step:
+    steps into the next one, after a stop by signal)."""
+    epochs = ckpt["config"]["train"]["epochs"]
+    epoch, step = ckpt["epoch"], ckpt.get("step", 0)
+    return {"finished": epoch >= epochs and not step, "epoch": epoch, "step": step, "epochs": epochs}
+
+
+def describe_progress(state):
+    """'epoch 64 of 200', or 'epoch 64, step 37 into epoch 65, of 200'."""
+    at = f"epoch {state['epoch']}" + (f", step {state['step']} into epoch {state['epoch'] + 1}," if state["step"] else "")
+    return f"{at} of {state['epochs']}"
+
+
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

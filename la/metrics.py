@@ -3,10 +3,13 @@
 Metrics are accumulated as sums (per-class correct and count, NLL, calibration bins) so a
 distributed evaluation adds them with one all_reduce and counts each image exactly once.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 ECE_BINS = 15
+Z95 = 1.959964  # two-sided 95 % normal quantile
 SHOTS = (("many", lambda n: n > 100), ("medium", lambda n: 20 <= n <= 100), ("few", lambda n: n < 20))
 
 
@@ -40,7 +43,10 @@ def summarize(sums, num_classes, train_counts):
     seen = count > 0
     out = {
         "top1": 100 * float(correct.sum() / total),
+        "top1_ci95": wilson_ci95(float(correct.sum()), float(total)),
         "balanced_acc": 100 * float(per_class[seen].mean()),
+        "balanced_acc_ci95": balanced_ci95(correct[seen].tolist(), count[seen].tolist()),
+        "images": int(total),
         "nll": float(nll / total),
         "ece": 100 * float((b_hit - b_conf).abs().sum() / total),
         "per_class": [None if not s else round(100 * float(a), 4) for a, s in zip(per_class, seen)],
@@ -49,6 +55,27 @@ def summarize(sums, num_classes, train_counts):
         members = [i for i, n in enumerate(train_counts) if in_group(n) and seen[i]]
         out[name] = 100 * float(per_class[members].mean()) if members else None
     return out
+
+
+def wilson_ci95(k, n):
+    """95 % Wilson score interval of a binomial proportion k / n, in percent: [low, high]."""
+    p, z2 = k / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [100 * max(0.0, centre - half), 100 * min(1.0, centre + half)]
+
+
+def balanced_se(correct, count):
+    """Standard error of balanced accuracy (a fraction): each class a binomial, var = sum_c p_c (1 - p_c) / n_c / C^2."""
+    var = sum((k / n) * (1 - k / n) / n for k, n in zip(correct, count))
+    return math.sqrt(var) / len(count)
+
+
+def balanced_ci95(correct, count):
+    """Normal 95 % interval of balanced accuracy from the per-class binomials, in percent, clipped to [0, 100]."""
+    acc = sum(k / n for k, n in zip(correct, count)) / len(count)
+    half = Z95 * balanced_se(correct, count)
+    return [100 * max(0.0, acc - half), 100 * min(1.0, acc + half)]
 
 
 def evaluate_logits(logits, labels, train_counts):

@@ -15,10 +15,17 @@ def tau_curve(sweep, path, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(sweep["taus"], sweep["val_balanced_acc"], label="validation (balanced, from unused train images)")
     ax.plot(sweep["taus"], sweep["test_balanced_acc"], label="test")
-    for key, style, label in (("validation_chosen", "--", "chosen on validation"), ("oracle_test_tuned", ":", "oracle tau*")):
+    rule = sweep["validation_chosen"]["rule"]
+    for key, style, label in (("validation_chosen", "--", f"chosen on validation ({rule})"),
+                              ("oracle_test_tuned", ":", "oracle")):
         ax.axvline(sweep[key]["tau"], linestyle=style, color="gray", label=f"{label} = {sweep[key]['tau']:g}")
-    ax.set(xlabel="post-hoc tau", ylabel="balanced accuracy (%)", title=title)
-    ax.legend(fontsize=7)
+    la = sweep["loss_tau"] != 0
+    xlabel = f"extra post-hoc t (total tau {sweep['loss_tau']:g} + t)" if la else "post-hoc tau"
+    ax.set(xlabel=xlabel, ylabel="balanced accuracy (%)", title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    nll = ax.twinx()
+    nll.plot(sweep["taus"], sweep["val_balanced_nll"], color="tab:red", alpha=0.4, linewidth=1)
+    nll.set_ylabel("validation balanced NLL", color="tab:red")
     _save(fig, path)
 
 
@@ -31,10 +38,11 @@ def per_class(reports, path):
         series = [("raw", "CE" if r["loss"] == "ce" else "LA loss")]
         if "posthoc" in r["test"] and r["loss"] == "ce":
             series.append(("posthoc", f"CE + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
+        unfinished = f" [UNFINISHED: epoch {r['epoch']} of {r['epochs']}]" if r.get("finished") is False else ""
         for key, label in series:
             acc = [r["test"][key]["per_class"][c] for c in order]
             ax.plot(range(len(order)), acc, marker="o", markersize=3,
-                    label=f"{label}: balanced {r['test'][key]['balanced_acc']:.1f}%")
+                    label=f"{label}: balanced {r['test'][key]['balanced_acc']:.1f}%{unfinished}")
     ax.set(xlabel="class, head to tail (training images)", ylabel="test accuracy (%)", ylim=(0, 100))
     if len(order) <= 20:
         ax.set_xticks(range(len(order)), [f"{c}\n({counts[c]})" for c in order], fontsize=7)

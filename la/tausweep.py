@@ -1,8 +1,22 @@
-"""Choosing the post-hoc tau without peeking: on the validation split, with the test-tuned tau* kept apart as an oracle."""
+"""Choosing the post-hoc tau without peeking: a named rule on the validation split, the test-tuned tau* kept apart.
+
+On a model trained with the logit-adjusted loss (its logits already shifted by loss_tau * log pi), the
+sweep is over an extra post-hoc t, a total shift of loss_tau + t; the default is no extra shift.
+"""
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from la import UserError, losses, metrics
+
+RULES = {
+    "val-acc": "maximum validation balanced accuracy",
+    "val-nll": "minimum validation balanced NLL",
+    "one-se": "the default unless the validation gain in balanced accuracy exceeds its standard error",
+}
+DEFAULT_RULE = "val-nll"  # chosen in results/tau_rules.md (RESULTS.md, "Choosing tau")
 
 
 def parse_grid(spec):
@@ -18,47 +32,108 @@ def parse_grid(spec):
     return [round(t, 10) for t in np.arange(start, stop + step / 2, step)]
 
 
-def _at(logits, labels, log_pi, tau, counts):
-    return metrics.evaluate_logits(losses.posthoc_adjust(logits, log_pi, tau), labels, counts)
+def per_tau(logits, labels, log_pi, taus):
+    """(hit, nll): T x N, whether argmax f(x) - tau * log pi is right and its NLL, for each tau and image."""
+    hits, nlls = [], []
+    for tau in taus:
+        shifted = losses.posthoc_adjust(logits.float(), log_pi, tau)
+        hits.append(shifted.argmax(1) == labels)
+        nlls.append(F.cross_entropy(shifted, labels, reduction="none"))
+    return torch.stack(hits), torch.stack(nlls).double()
 
 
-def _best(taus, scores):
-    """The tau with the highest score; ties go to the tau nearest the paper's default of 1.
+def class_means(values, labels, num_classes):
+    """T x N -> T x C: the mean over each class's images (classes without one are NaN)."""
+    sums = torch.zeros(values.shape[0], num_classes, dtype=torch.float64).index_add_(1, labels, values.double())
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return sums / torch.where(counts > 0, counts, torch.nan)
+
+
+def balanced(values, labels, num_classes):
+    """T x N -> T: the mean over the classes present of each class's mean."""
+    means = class_means(values, labels, num_classes)
+    return means[:, ~means[0].isnan()].mean(1)
+
+
+def gain_se(hit_a, hit_b, labels, num_classes):
+    """Standard error of balanced accuracy's difference a - b measured on the same images (a fraction): each
+    class contributes the variance of its per-image differences over its n_c, as in metrics.balanced_se."""
+    d = (hit_a.double() - hit_b.double())[None]
+    mean, sq = class_means(d, labels, num_classes)[0], class_means(d * d, labels, num_classes)[0]
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    present = counts > 0
+    var = ((sq - mean ** 2)[present] / counts[present]).sum()
+    return math.sqrt(max(float(var), 0.0)) / int(present.sum())
+
+
+def _best(taus, scores, default=1.0):
+    """The tau with the highest score; ties go to the tau nearest the default (the paper's total shift of 1).
 
     Scores are means of per-class fractions, so equal accuracies can differ in the last float bit:
     a tie is anything within 1e-9 of the best.
     """
     best = max(scores)
-    return min((abs(t - 1.0), t) for t, s in zip(taus, scores) if s >= best - 1e-9)[1]
+    return min((abs(t - default), t) for t, s in zip(taus, scores) if s >= best - 1e-9)[1]
 
 
-def sweep(val, test, log_pi, taus):
-    """Balanced accuracy against tau on both splits and the three labelled choices of tau."""
-    counts = torch.ones(len(log_pi)).tolist()  # shot groups are not used here
-    curve = {"taus": taus, "val_balanced_acc": [], "test_balanced_acc": [], "test_top1": []}
-    for tau in taus:
-        v, t = _at(*val, log_pi, tau, counts), _at(*test, log_pi, tau, counts)
-        curve["val_balanced_acc"].append(v["balanced_acc"])
-        curve["test_balanced_acc"].append(t["balanced_acc"])
-        curve["test_top1"].append(t["top1"])
+def choose(rule, taus, hit, nll, labels, num_classes, default):
+    """The tau a rule picks from validation curves (hit, nll: T x N over taus, which include default)."""
+    acc = balanced(hit, labels, num_classes).tolist()
+    if rule == "val-nll":
+        return _best(taus, [-v for v in balanced(nll, labels, num_classes).tolist()], default)
+    best = _best(taus, acc, default)
+    if rule == "val-acc":
+        return best
+    if rule == "one-se":
+        i, j = taus.index(best), taus.index(default)
+        return best if acc[i] - acc[j] > gain_se(hit[i], hit[j], labels, num_classes) else default
+    raise UserError(f"unknown tau rule {rule!r}; one of {', '.join(RULES)}")
 
-    def result(tau):
-        v, t = _at(*val, log_pi, tau, counts), _at(*test, log_pi, tau, counts)
-        return {"tau": tau, "val_balanced_acc": v["balanced_acc"], "test_top1": t["top1"], "test_balanced_acc": t["balanced_acc"]}
 
-    curve["paper_default"] = result(1.0)
-    curve["validation_chosen"] = result(_best(taus, curve["val_balanced_acc"]))
-    curve["oracle_test_tuned"] = result(_best(taus, curve["test_balanced_acc"]))
+def _result(val, test, log_pi, tau, loss_tau):
+    counts = [1] * len(log_pi)  # shot groups are not used here
+    v = metrics.evaluate_logits(losses.posthoc_adjust(val[0], log_pi, tau), val[1], counts)
+    t = metrics.evaluate_logits(losses.posthoc_adjust(test[0], log_pi, tau), test[1], counts)
+    return {"tau": tau, "total_tau": loss_tau + tau,
+            "val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"],
+            "test_top1": t["top1"], "test_top1_ci95": t["top1_ci95"],
+            "test_balanced_acc": t["balanced_acc"], "test_balanced_acc_ci95": t["balanced_acc_ci95"]}
+
+
+def sweep(val, test, log_pi, taus, rule=DEFAULT_RULE, loss_tau=0.0):
+    """Curves against tau on both splits and three labelled choices: the default (tau = 1 after CE, no extra
+    shift after the LA loss), the rule's choice on validation, and the test-tuned oracle."""
+    default = 0.0 if loss_tau else 1.0
+    taus = sorted(set(taus) | {default})
+    num_classes = len(log_pi)
+    v_hit, v_nll = per_tau(*val, log_pi, taus)
+    t_hit, _ = per_tau(*test, log_pi, taus)
+    curve = {"taus": taus, "loss_tau": loss_tau,
+             "val_balanced_acc": (100 * balanced(v_hit, val[1], num_classes)).tolist(),
+             "val_balanced_nll": balanced(v_nll, val[1], num_classes).tolist(),
+             "test_balanced_acc": (100 * balanced(t_hit, test[1], num_classes)).tolist(),
+             "test_top1": (100 * t_hit.double().mean(1)).tolist()}
+    chosen = choose(rule, taus, v_hit, v_nll, val[1], num_classes, default)
+    curve["paper_default"] = _result(val, test, log_pi, default, loss_tau)
+    curve["validation_chosen"] = {"rule": rule, "rule_means": RULES[rule], **_result(val, test, log_pi, chosen, loss_tau)}
+    oracle = _best(taus, curve["test_balanced_acc"], default)
+    curve["oracle_test_tuned"] = _result(val, test, log_pi, oracle, loss_tau)
     return curve
 
 
 def describe(s):
-    rows = (("paper_default", "tau = 1 (paper default)"),
-            ("validation_chosen", "tau chosen on validation (the fair result)"),
-            ("oracle_test_tuned", "tau* tuned on test (ORACLE: compare only with the paper's tau* column)"))
-    lines = [f"\npost-hoc tau sweep over {len(s['taus'])} values ({s['taus'][0]:g}..{s['taus'][-1]:g})"]
+    la = s["loss_tau"] != 0
+    shift = lambda r: (f"t={r['tau']:<5g} total {r['total_tau']:<5g}" if la else f"tau={r['tau']:<5g}")
+    rule = s["validation_chosen"]["rule"]
+    rows = (("paper_default", f"LA loss alone (total tau {s['loss_tau']:g})" if la else "tau = 1 (paper default)"),
+            ("validation_chosen", (f"LA loss + post-hoc, total tau {s['loss_tau']:g} + t, t" if la else "tau")
+             + f" chosen on validation by rule {rule} (the fair result)"),
+            ("oracle_test_tuned", "tuned on test (ORACLE: compare only with the paper's tau* column)"))
+    ci = lambda r, key: f"{r[key]:.2f} ({r[key + '_ci95'][0]:.2f}-{r[key + '_ci95'][1]:.2f})"
+    lines = [f"\npost-hoc {'extra t' if la else 'tau'} swept over {len(s['taus'])} values "
+             f"({s['taus'][0]:g}..{s['taus'][-1]:g}); rule {rule}: {RULES[rule]}; 95 % intervals in parentheses"]
     for key, label in rows:
         r = s[key]
-        lines.append(f"  {label:72s} tau={r['tau']:<5g} test top-1 {r['test_top1']:.2f}  "
-                     f"test balanced {r['test_balanced_acc']:.2f}  val balanced {r['val_balanced_acc']:.2f}")
+        lines.append(f"  {label}\n      {shift(r)}  test top-1 {ci(r, 'test_top1')}  "
+                     f"test balanced {ci(r, 'test_balanced_acc')}  val balanced {ci(r, 'val_balanced_acc')}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ for loss in ce la; do
         --set train.eval_every=10 "${resume[@]}"
 done
 "$PYTHON" "$REPO/eval.py" "$OUT/cifar10-lt_rho100_ce_s0" --posthoc --tau 1 --tau-sweep --data-root "$DATA_ROOT"
-"$PYTHON" "$REPO/eval.py" "$OUT/cifar10-lt_rho100_la_s0" --data-root "$DATA_ROOT"  # raw: LA needs no adjustment
+# LA raw, then post-hoc on top (t = 1: a total shift of 2) and the extra t chosen on validation
+"$PYTHON" "$REPO/eval.py" "$OUT/cifar10-lt_rho100_la_s0" --posthoc --tau 1 --tau-sweep --data-root "$DATA_ROOT"
 "$PYTHON" "$REPO/eval.py" "$OUT/cifar10-lt_rho100_ce_s0" "$OUT/cifar10-lt_rho100_la_s0" --posthoc --tau 1 \
     --plot "$OUT/per_class.png" --data-root "$DATA_ROOT"

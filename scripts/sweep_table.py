@@ -4,20 +4,22 @@
 
 Reads RUNS/rho{rho}_{ce,la}_s{seed}/eval.json as written by
 `eval.py CE_RUN --posthoc --tau 1` and `eval.py LA_RUN`; writes OUT/{dataset}_rho_sweep.{md,csv,png}.
+Runs that have not finished (eval.json's `finished`) are marked and left out of the means unless
+--include-unfinished.
 """
 import argparse
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # la.plots, whichever directory this is run from
-from la import plots  # noqa: E402
+from la import plots, provenance  # noqa: E402
 
 # (row, the run's loss, the eval.json section holding its result)
 METHODS = (("Baseline", "ce", "raw"), ("Post-hoc adjustment", "ce", "posthoc"), ("Loss adjustment", "la", "raw"))
@@ -48,6 +50,8 @@ def parse_args(argv):
     p.add_argument("--seeds", default="0", help='space-separated: "0 1 2"')
     p.add_argument("--config", default="train.py's default recipe", help="the recipe the runs used, for the header")
     p.add_argument("--out", type=Path, default=Path("results"), help="directory for the .md, .csv and .png")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="count runs that stopped before their last epoch in the means (marked either way)")
     args = p.parse_args(argv)
     args.rhos, args.seeds = args.rhos.split(), args.seeds.split()
     for rho in args.rhos:
@@ -63,8 +67,22 @@ def published(dataset, method, rho):
     return seed, paper
 
 
+def finished(run_dir, report):
+    """eval.json's `finished`; for an eval.json from before it was recorded, whether metrics.jsonl reached
+    config.yaml's epochs; None when neither tells."""
+    if "finished" in report:
+        return bool(report["finished"])
+    try:
+        epochs = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"]
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return last >= epochs
+
+
 def read_top1(run_dir, loss, section):
-    """One run's test top-1 for one method, or None if the run is missing, unevaluated or evaluated otherwise."""
+    """One run's (test top-1, finished) for one method, or None if the run is missing, unevaluated or evaluated
+    otherwise. finished is None when unknown, and then counts as unfinished."""
     path = run_dir / "eval.json"
     if not path.is_file():
         return None
@@ -75,11 +93,11 @@ def read_top1(run_dir, loss, section):
     if section == "posthoc" and result.get("tau") != 1.0:  # the published post-hoc numbers are tau = 1
         print(f"warning: {path} has post-hoc tau={result.get('tau')}, not 1: left out", file=sys.stderr)
         return None
-    return float(result["top1"])
+    return float(result["top1"]), finished(run_dir, report)
 
 
 def collect(runs, rhos, seeds):
-    """{method: {rho: [top-1 of each seed that finished]}}."""
+    """{method: {rho: [(top-1, finished) of each seed evaluated]}}."""
     cells = {}
     for method, loss, section in METHODS:
         cells[method] = {}
@@ -87,6 +105,12 @@ def collect(runs, rhos, seeds):
             found = (read_top1(runs / f"rho{rho}_{loss}_s{seed}", loss, section) for seed in seeds)
             cells[method][rho] = [v for v in found if v is not None]
     return cells
+
+
+def counted(cell, include_unfinished):
+    """(the values that enter the mean, how many unfinished runs the cell holds)."""
+    unfinished = sum(1 for _, done in cell if not done)
+    return [v for v, done in cell if done or include_unfinished], unfinished
 
 
 def summarize(values):
@@ -97,10 +121,13 @@ def summarize(values):
     return float(np.mean(values)), std, len(values)
 
 
-def cell_text(values, n_asked, seed_pub, paper_pub):
+def cell_text(cell, n_asked, seed_pub, paper_pub, include_unfinished=False):
+    values, unfinished = counted(cell, include_unfinished)
     mean, std, n = summarize(values)
     ours = MISSING if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
-    notes = [f"n={n}/{n_asked}"] if 0 < n < n_asked else []
+    notes = [f"n={n}" + (f"/{n_asked}" if n < n_asked else "")] if n else []
+    if unfinished:
+        notes.append(f"{unfinished} unfinished {'included' if include_unfinished else 'left out'}")
     notes += [f"{label} {v:.2f}" for label, v in (("seed", seed_pub), ("paper", paper_pub)) if v is not None]
     return ours + (f" ({'; '.join(notes)})" if notes else "")
 
@@ -120,14 +147,24 @@ def trained_epochs(runs, rhos, seeds):
     return str(epochs.pop()) if len(epochs) == 1 else f"{min(epochs)} to {max(epochs)} (the runs differ!)"
 
 
-def commit():
-    """Short hash of HEAD, '+dirty' with uncommitted changes to tracked files; 'no commit' outside git history."""
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode:
-        return "no commit"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+def commits(runs, rhos, seeds):
+    """The commits the runs were trained at (provenance.json) and evaluated at (eval.json), as text."""
+    trained, evaluated = set(), set()
+    for rho in rhos:
+        for seed in seeds:
+            for loss in ("ce", "la"):
+                run_dir = runs / f"rho{rho}_{loss}_s{seed}"
+                try:
+                    sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
+                    trained.update(provenance.short_commit(s) for s in sessions)
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+                try:
+                    evaluated.add(provenance.short_commit(json.loads((run_dir / "eval.json").read_text())["evaluated_with"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+    name = lambda found: ", ".join(sorted(found)) or "not recorded"
+    return f"trained at {name(trained)}, evaluated at {name(evaluated)}"
 
 
 def markdown(args, cells, epochs):
@@ -135,7 +172,10 @@ def markdown(args, cells, epochs):
         f"# {NAMES[args.dataset]}: test top-1 (%) against the imbalance ratio rho",
         "",
         f"Ours: {args.config}, epochs {epochs}, seeds {' '.join(args.seeds)} "
-        f"(mean ± sample std; n=k/N where only k of N seeds finished), commit {commit()}. "
+        f"(mean ± sample std over the n seeds in the mean; n=k/N where only k of N seeds count; runs that stopped "
+        f"before their last epoch are {'included' if args.include_unfinished else 'left out'} and counted as "
+        f"unfinished), {commits(args.runs, args.rhos, args.seeds)}, table made at "
+        f"{provenance.short_commit(provenance.git_state())}. "
         f"Published numbers in parentheses come from other recipes (seed = ResNet-34, mmpretrain recipe, 200 epochs; "
         f"paper = Menon et al. Table 3, ResNet-32, 200 epochs, rho=100 only), so shortened runs are not expected to match. "
         f"{MISSING} = no finished run.",
@@ -144,7 +184,8 @@ def markdown(args, cells, epochs):
         "|---" * (len(args.rhos) + 1) + "|",
     ]
     for method, _, _ in METHODS:
-        row = [cell_text(cells[method][rho], len(args.seeds), *published(args.dataset, method, rho)) for rho in args.rhos]
+        row = [cell_text(cells[method][rho], len(args.seeds), *published(args.dataset, method, rho), args.include_unfinished)
+               for rho in args.rhos]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -152,24 +193,30 @@ def markdown(args, cells, epochs):
 def write_csv(path, args, cells):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "rho", "mean", "std", "n", "seed_published", "paper_published"])
+        w.writerow(["method", "rho", "mean", "std", "n", "unfinished", "seed_published", "paper_published"])
         blank = lambda v: "" if v is None else round(v, 4)  # missing stays empty, never 0
         for method, _, _ in METHODS:
             for rho in args.rhos:
-                mean, std, n = summarize(cells[method][rho])
-                w.writerow([method, rho, blank(mean), blank(std), n, *map(blank, published(args.dataset, method, rho))])
+                values, unfinished = counted(cells[method][rho], args.include_unfinished)
+                mean, std, n = summarize(values)
+                w.writerow([method, rho, blank(mean), blank(std), n, unfinished,
+                            *map(blank, published(args.dataset, method, rho))])
 
 
 def plot(path, args, cells, epochs):
     """Missing cells are NaN, a gap in the line; a single seed has no error bar."""
-    table = {}
+    table, unfinished = {}, 0
     for method, _, _ in METHODS:
         table[method] = {}
         for rho in args.rhos:
-            mean, std, _ = summarize(cells[method][rho])
+            values, k = counted(cells[method][rho], args.include_unfinished)
+            mean, std, _ = summarize(values)
+            unfinished += k
             x = int(float(rho)) if float(rho).is_integer() else float(rho)
             table[method][x] = (math.nan, math.nan) if mean is None else (mean, std or 0.0)
-    plots.rho_curve(table, path, f"{NAMES[args.dataset]}, epochs {epochs}, seeds {' '.join(args.seeds)}")
+    note = (f"; {unfinished} results of unfinished runs {'included' if args.include_unfinished else 'left out'}"
+            if unfinished else "")
+    plots.rho_curve(table, path, f"{NAMES[args.dataset]}, epochs {epochs}, seeds {' '.join(args.seeds)}{note}")
 
 
 def main(argv):

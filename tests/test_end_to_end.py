@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from la import precision
+from la import precision, tausweep
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +44,47 @@ def test_a_shortened_run_says_its_milestones_never_come(two_runs):
     assert ce.stdout.count("note: optim.milestones") == 1, "said once, by rank 0"
 
 
-def test_eval_defaults_to_latest_and_warns_on_double_counting(two_runs, fake_root):
+def test_eval_defaults_to_latest_and_says_the_total_shift_on_an_la_run(two_runs, fake_root):
     cwd, _, _ = two_runs
     out = run([REPO / "eval.py", "--posthoc", "--tau", "1", "--data-root", fake_root], cwd)
-    assert "cifar10-lt_rho10_la_s0" in out.stdout and "post-hoc tau=1" in out.stdout
-    assert "prior a second time" in out.stderr
+    assert "cifar10-lt_rho10_la_s0" in out.stdout and "post-hoc tau=1 (total 2)" in out.stdout
+    assert "post-hoc tau=1 on top shifts its logits by a total of 2 x log prior" in out.stdout and not out.stderr
     report = json.loads((cwd / "runs" / "cifar10-lt_rho10_la_s0" / "eval.json").read_text())
-    assert report["test"]["posthoc"]["tau"] == 1.0 and len(report["test"]["raw"]["per_class"]) == 10
+    assert report["test"]["posthoc"]["tau"] == 1.0 and report["test"]["posthoc"]["total_tau"] == 2.0
+    assert report["loss_tau"] == 1.0 and len(report["test"]["raw"]["per_class"]) == 10
+    # the sweep on an LA run is over an extra t on top of the loss's shift
+    sweep = run([REPO / "eval.py", "--tau-sweep", "--data-root", fake_root], cwd).stdout
+    assert "LA loss alone (total tau 1)" in sweep and "LA loss + post-hoc, total tau 1 + t, t chosen" in sweep
+
+
+def test_no_eval_flag_is_silently_ignored(two_runs, fake_root):
+    cwd, _, _ = two_runs
+    run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
+    out = run([REPO / "eval.py", run_dir, "--tau", "1.5", "--data-root", fake_root], cwd).stdout
+    assert "post-hoc tau=1.5" in out, "--tau implies --posthoc"
+    assert json.loads((run_dir / "eval.json").read_text())["test"]["posthoc"]["tau"] == 1.5
+    out = run([REPO / "eval.py", run_dir, "--taus", "0:2:0.5", "--data-root", fake_root], cwd).stdout
+    assert "swept over 5 values (0..2)" in out, "--taus implies --tau-sweep"
+    out = run([REPO / "eval.py", run_dir, "--tau-rule", "one-se", "--data-root", fake_root], cwd).stdout
+    assert "rule one-se" in out, "--tau-rule implies --tau-sweep"
+    out = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", fake_root], cwd).stdout
+    assert f"rule {tausweep.DEFAULT_RULE}:" in out  # the default rule, by name
 
 
 def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
     cwd, _, _ = two_runs
     run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
-    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    out = run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["test"]["raw"]["top1"] == pytest.approx(last["test_top1"])
     assert report["val"]["raw"]["balanced_acc"] == pytest.approx(last["val_balanced_acc"])
+    # both splits' accuracies carry their 95 % intervals, in eval.json and in the printed tables
+    for split in ("test", "val"):
+        m = report[split]["raw"]
+        assert m["top1_ci95"][0] <= m["top1"] <= m["top1_ci95"][1] and m["top1_ci95"][0] < m["top1_ci95"][1]
+        assert m["balanced_acc_ci95"][0] <= m["balanced_acc"] <= m["balanced_acc_ci95"][1]
+    assert out.stdout.count("95 % interval") == 4 and "validation split (20 images" in out.stdout
 
 
 @pytest.mark.skipif(precision.cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
@@ -108,6 +132,31 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     assert stale.returncode != 0 and "not found" in stale.stderr
     run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
     assert torch.load(run_dir / "logits.pt", weights_only=True)["splits"]["test"][0].shape == (100, 10)
+
+
+def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
+    cwd, _, _ = two_runs
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_ce_s0", run_dir)
+    finished = run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    assert "UNFINISHED" not in finished.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert (report["finished"], report["epoch"], report["step"], report["epochs"]) == (True, 2, 0, 2)
+    # as a stop by signal leaves it: one epoch done, 3 steps into the second (train.py saves epoch, step so)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["epoch"], ckpt["step"] = 1, 3
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    out = run([REPO / "eval.py", run_dir, "--data-root", fake_root, "--tau-sweep"], cwd).stdout
+    assert "UNFINISHED RUN: stopped's checkpoint is at epoch 1, step 3 into epoch 2, of 2" in out
+    assert out.index("UNFINISHED") < out.index("test set")  # said above the table
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert (report["finished"], report["epoch"], report["step"], report["epochs"]) == (False, 1, 3, 2)
+    # a cache written before the state was kept still evaluates (the state is read from the checkpoint)
+    cache = torch.load(run_dir / "logits.pt", weights_only=True)
+    del cache["checkpoint_state"]
+    torch.save(cache, run_dir / "logits.pt")
+    again = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd).stdout
+    assert "epoch 1, step 3 into epoch 2, of 2" in again
 
 
 def test_per_class_chart_of_ce_and_la(two_runs, fake_root, tmp_path):

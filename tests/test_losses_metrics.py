@@ -55,6 +55,23 @@ def test_balanced_accuracy_and_shot_groups_by_hand():
     assert m2["many"] == pytest.approx(100 * 1.25 / 3) and m2["medium"] is None and m2["few"] is None
 
 
+def test_intervals_by_hand():
+    # Wilson 95 % for 7 of 10 (textbook value 0.3968-0.8922); a normal interval would give 0.416-0.984
+    assert metrics.wilson_ci95(7, 10) == pytest.approx([39.68, 89.22], abs=0.01)
+    lo, hi = metrics.wilson_ci95(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(16.11, abs=0.01)  # nothing right still leaves room above 0
+    # balanced accuracy of classes (3/4, 1/2, 0/2): var = (.75 * .25 / 4 + .5 * .5 / 2 + 0) / 3^2
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1, 1, 0, 0, 1], 3), labels, [500, 50, 5])
+    half = 1.959964 * math.sqrt((0.75 * 0.25 / 4 + 0.25 / 2) / 9)
+    assert m["balanced_acc_ci95"] == pytest.approx([100 * (5 / 12 - half), 100 * (5 / 12 + half)])
+    assert m["top1_ci95"] == pytest.approx(metrics.wilson_ci95(4, 8)) and m["images"] == 8
+    # a class with no test image is not a class of the balanced mean, nor of its variance; the top is clipped at 100
+    m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1], 3), labels[:4], [500, 50, 5])
+    half = 1.959964 * math.sqrt(0.75 * 0.25 / 4)
+    assert m["balanced_acc_ci95"] == pytest.approx([100 * (0.75 - half), 100.0])
+
+
 def test_nll_and_ece_by_hand():
     # two images, both predicted class 0 with confidence p; one right, one wrong
     p = 0.8
@@ -91,11 +108,67 @@ def test_tau_chosen_on_validation_differs_from_the_test_oracle():
     # test: class-1 images flip at 0.5 and 2.5, class-0 image at 3.5 -> oracle tau in [2.5, 3.5)
     test = split([0.5 * gap, 2.5 * gap, 3.5 * gap], [1, 1, 0])
     taus = tausweep.parse_grid("0:4:0.25")
-    s = tausweep.sweep(val, test, lp, taus)
+    s = tausweep.sweep(val, test, lp, taus, "val-acc")
     assert 0.5 < s["validation_chosen"]["tau"] < 1.5 and s["validation_chosen"]["tau"] == 1.0  # tie -> nearest 1
     assert 2.5 < s["oracle_test_tuned"]["tau"] < 3.5
     assert s["oracle_test_tuned"]["test_balanced_acc"] == 100.0
     assert s["validation_chosen"]["test_balanced_acc"] == pytest.approx(75.0)
+
+
+def margins_split(margins, labels, gap):
+    """Two-class logits whose class-0 margin is margin * gap: the image flips to class 1 once tau exceeds margin."""
+    m = torch.tensor(margins, dtype=torch.float32) * gap
+    return torch.stack([m, torch.zeros(len(margins))], 1), torch.tensor(labels)
+
+
+def choices(val, lp, default=1.0, taus=None):
+    taus = taus or tausweep.parse_grid("0:3:0.05")
+    hit, nll = tausweep.per_tau(*val, lp, taus)
+    return {rule: tausweep.choose(rule, taus, hit, nll, val[1], 2, default) for rule in tausweep.RULES}
+
+
+def test_validation_nll_rule_finds_the_calibrated_shift_where_accuracy_is_flat():
+    # one image per class, both with class-0 margin 1.5 * gap: balanced NLL is symmetric in (1.5 - tau) * gap, so it
+    # is least at tau = 1.5, while balanced accuracy is 50 % at every tau (a tie, which goes to tau = 1)
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    picked = choices(margins_split([1.5, 1.5], [0, 1], gap), lp)
+    assert picked["val-nll"] == 1.5 and picked["val-acc"] == 1.0 and picked["one-se"] == 1.0
+
+
+def test_one_se_rule_keeps_the_default_unless_the_gain_exceeds_its_paired_standard_error():
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    # class 1: 4 images right from tau 0.5, 2 more from tau 2, 4 never; class 0: 9 always right, 1 wrong from tau 2.
+    # tau > 2 gains 2/10 on class 1 and loses 1/10 on class 0: balanced gain 0.05, paired SE sqrt(.016 + .009) / 2
+    margins = [0.5] * 4 + [2.0] * 2 + [10.0] * 4 + [-10.0] * 9 + [2.0]
+    val = margins_split(margins, [1] * 10 + [0] * 10, gap)
+    taus = tausweep.parse_grid("0:3:0.05")
+    hit, _ = tausweep.per_tau(*val, lp, taus)
+    se = tausweep.gain_se(hit[taus.index(2.05)], hit[taus.index(1.0)], val[1], 2)
+    assert se == pytest.approx(math.sqrt(0.016 + 0.009) / 2)
+    picked = choices(val, lp)
+    assert picked["val-acc"] == 2.05 and picked["one-se"] == 1.0  # 0.05 < 0.079: not worth leaving tau = 1
+    # without the class-0 loss the gain is 0.1 against an SE of sqrt(.016) / 2 = 0.063: the rule moves
+    val = margins_split(margins[:-1] + [-10.0], [1] * 10 + [0] * 10, gap)
+    assert choices(val, lp)["one-se"] == 2.05
+
+
+def test_la_runs_sweep_an_extra_shift_whose_default_is_none():
+    lp = losses.log_prior([90, 10])
+    gap = float(lp[0] - lp[1])
+    val = margins_split([0.5, 1.5], [1, 0], gap)  # best extra t: anything in (0.5, 1.5); ties nearest t = 0
+    test = margins_split([0.2, 0.7, 1.2], [1, 1, 0], gap)
+    s = tausweep.sweep(val, test, lp, tausweep.parse_grid("0.25:2:0.25"), "val-acc", loss_tau=1.0)
+    assert 0.0 in s["taus"]  # the default is always evaluated
+    assert (s["paper_default"]["tau"], s["paper_default"]["total_tau"]) == (0.0, 1.0)
+    assert (s["validation_chosen"]["tau"], s["validation_chosen"]["total_tau"]) == (0.75, 1.75)
+    assert s["validation_chosen"]["rule"] == "val-acc" and s["oracle_test_tuned"]["tau"] == 0.75
+    text = tausweep.describe(s)
+    assert "LA loss alone (total tau 1)" in text and "LA loss + post-hoc, total tau 1 + t" in text
+    assert "t=0.75  total 1.75" in text
+    ce = tausweep.sweep(val, test, lp, tausweep.parse_grid("0:2:0.25"), "val-acc")
+    assert ce["paper_default"]["tau"] == 1.0 and ce["validation_chosen"]["tau"] == 1.0  # tie nearest 1 after CE
 
 
 def test_float_noise_does_not_break_a_tie():

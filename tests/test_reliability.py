@@ -173,6 +173,11 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
     assert_same_state(load(ckpt_path), load(reference / "checkpoint.pt"))
     assert untimed(metric_lines(out)) == untimed(metric_lines(reference))
     assert not list(out.glob(".checkpoint.pt.*")), "a killed save's temporary file was left behind"
+    # provenance.json keeps every session: the start and each resume, with where it resumed
+    starts = [s["start"] for s in json.loads((out / "provenance.json").read_text())["sessions"]]
+    stop = {"epoch": stopped_at[0], "step": stopped_at[1]}
+    assert starts[:3] == [{"epoch": 0, "step": 0}, {"epoch": 1, "step": 0}, stop]
+    assert len(starts) == 4 and starts[3] in (stop, {"epoch": 3, "step": 0})
 
 
 def test_save_every_writes_only_its_epochs_and_the_last(reference, fake_root, tmp_path):
@@ -563,6 +568,8 @@ CASES = [
      "class 9 had no training image, so its log-prior is -inf"),
     ("eval-sweep-empty-class-cached", "eval", lambda d: [*_cache_with_an_empty_class(d), "--tau-sweep"], "class 9 had no training image"),
     ("eval-unknown-flag", "eval", lambda d: [d.run, "--frobnicate"], "unrecognized arguments"),
+    ("eval-bad-tau-grid", "eval", lambda d: [d.run, "--taus", "1:0:0.5"], "need STEP > 0 and STOP >= START"),
+    ("eval-unknown-tau-rule", "eval", lambda d: [d.run, "--tau-rule", "best"], "invalid choice: 'best'"),
 ]
 # (id, script, setup, ""): inputs near the bad ones that must work
 ALLOWED = [

@@ -11,24 +11,27 @@ sweep_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep_table)
 
 
-def write_eval(runs, name, loss, raw, posthoc=None):
+def write_eval(runs, name, loss, raw, posthoc=None, finished=True):
     test = {"raw": {"top1": raw, "balanced_acc": raw}}
     if posthoc is not None:
         test["posthoc"] = {"tau": 1.0, "top1": posthoc, "balanced_acc": posthoc}
     (runs / name).mkdir(parents=True)
-    (runs / name / "eval.json").write_text(json.dumps({"loss": loss, "test": test}))
+    report = {"loss": loss, "test": test, "evaluated_with": {"git_commit": "e" * 40, "git_dirty": False}}
+    if finished is not None:  # None: an eval.json from before `finished` was recorded
+        report["finished"] = finished
+    (runs / name / "eval.json").write_text(json.dumps(report))
 
 
-def table(tmp_path, seeds):
+def table(tmp_path, seeds, *flags):
     """Run the aggregator over rho 100 (two seeds evaluated) and rho 10 (nothing); return (markdown rows, csv rows)."""
-    out = tmp_path / f"results_{len(seeds.split())}"
+    out = tmp_path / f"results_{len(seeds.split())}{''.join(flags)}"
     sweep_table.main(["--dataset", "cifar10", "--runs", str(tmp_path / "runs"), "--rhos", "100 10",
-                      "--seeds", seeds, "--out", str(out)])
+                      "--seeds", seeds, "--out", str(out), *flags])
     md = (out / "cifar10_rho_sweep.md").read_text()
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
     rows = {r[0]: r[1:] for r in cells}
     with open(out / "cifar10_rho_sweep.csv") as f:
-        return rows, {(r["method"], r["rho"]): r for r in csv.DictReader(f)}
+        return rows, {(r["method"], r["rho"]): r for r in csv.DictReader(f)}, md
 
 
 def test_table_mean_std_and_missing(tmp_path):
@@ -37,21 +40,47 @@ def test_table_mean_std_and_missing(tmp_path):
         write_eval(runs, f"rho100_ce_s{seed}", "ce", ce, posthoc)
         write_eval(runs, f"rho100_la_s{seed}", "la", la)
 
-    rows, cells = table(tmp_path, "0 1")
-    assert rows["Baseline"][0] == "70.50 ± 0.71 (seed 77.54; paper 72.84)"  # std with ddof=1: sqrt(0.5)
-    assert rows["Post-hoc adjustment"][0] == "74.75 ± 1.06 (seed 80.67; paper 77.40)"
-    assert rows["Loss adjustment"][0] == "76.50 ± 0.71 (seed 80.26; paper 77.67)"
+    rows, cells, md = table(tmp_path, "0 1")
+    assert rows["Baseline"][0] == "70.50 ± 0.71 (n=2; seed 77.54; paper 72.84)"  # std with ddof=1: sqrt(0.5)
+    assert rows["Post-hoc adjustment"][0] == "74.75 ± 1.06 (n=2; seed 80.67; paper 77.40)"
+    assert rows["Loss adjustment"][0] == "76.50 ± 0.71 (n=2; seed 80.26; paper 77.67)"
     assert rows["Baseline"][1] == "— (seed 89.39)"  # rho=10 never ran: missing, not 0
     assert float(cells["Post-hoc adjustment", "100"]["mean"]) == 74.75
     assert float(cells["Post-hoc adjustment", "100"]["std"]) == round(2 ** -0.5 * 1.5, 4)
     assert cells["Loss adjustment", "100"]["n"] == "2"
     assert cells["Loss adjustment", "100"]["paper_published"] == "77.67"
-    assert cells["Baseline", "10"] == {"method": "Baseline", "rho": "10", "mean": "", "std": "", "n": "0",
+    assert cells["Baseline", "10"] == {"method": "Baseline", "rho": "10", "mean": "", "std": "", "n": "0", "unfinished": "0",
                                        "seed_published": "89.39", "paper_published": ""}
+    assert "evaluated at eeeeeee," in md and "trained at not recorded" in md  # the commits come from the run files
 
-    rows, cells = table(tmp_path, "0 1 2")  # a third seed asked for but not finished: say so
+    rows, cells, _ = table(tmp_path, "0 1 2")  # a third seed asked for but not finished: say so
     assert rows["Baseline"][0] == "70.50 ± 0.71 (n=2/3; seed 77.54; paper 72.84)"
     assert cells["Baseline", "100"]["n"] == "2"
+
+
+def test_unfinished_runs_are_marked_and_left_out_unless_asked(tmp_path):
+    runs = tmp_path / "runs"
+    write_eval(runs, "rho100_ce_s0", "ce", 70.0, 74.0)
+    write_eval(runs, "rho100_ce_s1", "ce", 50.0, 60.0, finished=False)  # stopped at epoch 64 of 200, say
+    write_eval(runs, "rho100_la_s0", "la", 76.0)
+    write_eval(runs, "rho100_la_s1", "la", 77.0, finished=None)  # an old eval.json: metrics.jsonl and config.yaml tell
+    (runs / "rho100_la_s1" / "config.yaml").write_text("train:\n  epochs: 3\n")
+    (runs / "rho100_la_s1" / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+
+    rows, cells, md = table(tmp_path, "0 1")
+    assert rows["Baseline"][0] == "70.00 (n=1/2; 1 unfinished left out; seed 77.54; paper 72.84)"
+    assert rows["Loss adjustment"][0] == "76.50 ± 0.71 (n=2; seed 80.26; paper 77.67)"
+    assert (cells["Baseline", "100"]["mean"], cells["Baseline", "100"]["n"], cells["Baseline", "100"]["unfinished"]) == \
+        ("70.0", "1", "1")
+    assert "left out" in md
+
+    rows, cells, _ = table(tmp_path, "0 1", "--include-unfinished")
+    assert rows["Baseline"][0] == "60.00 ± 14.14 (n=2; 1 unfinished included; seed 77.54; paper 72.84)"
+    assert cells["Baseline", "100"]["n"] == "2"
+
+    (runs / "rho100_la_s1" / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")  # the old run stopped early
+    rows, _, _ = table(tmp_path, "0 1")
+    assert rows["Loss adjustment"][0] == "76.00 (n=1/2; 1 unfinished left out; seed 80.26; paper 77.67)"
 
 
 TINY_EXTRA = ["--set data.download=false", "--set data.val_per_class=2", "--set train.batch_size=32",
