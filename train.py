@@ -27,7 +27,8 @@ from la import UserError, run_cli, autotune, checkpoint, config, data, dist, eng
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
                      "train.save_every", "train.eval_batch_size", "train.compile",
                      "train.compile_mode", "train.cuda_graph", "train.out"}
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "eval.json", "logits.pt")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
+             "logits.pt")
 
 
 def parse_args(argv):

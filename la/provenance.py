@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from la.precision import cpu_name
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,18 +46,9 @@ def short_commit(state):
 
 
 def device_name(device):
-    """The GPU's name, or the CPU model from /proc/cpuinfo (platform's guess elsewhere); None if unknown."""
+    """The GPU's name, or the CPU model from /proc/cpuinfo (platform's guess elsewhere)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def collect(device, precision=None):

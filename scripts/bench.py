@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
 
-from la import UserError, run_cli, autotune, config, data, engine, losses, models, precision  # noqa: E402
+from la import UserError, run_cli, autotune, config, data, engine, losses, models, precision, provenance  # noqa: E402
 
 DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
 
@@ -323,29 +322,14 @@ def cpu_flags():
     return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
 
 
-def git(*cmd):
-    """stdout of a git command in the repository, or None without git or a commit."""
-    try:
-        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit():
-    """(short commit, whether the tree had uncommitted changes): results are only comparable with their code."""
-    commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
-    return commit or "unknown", None if status is None else bool(status)
-
-
 def machine(device):
-    commit, dirty = git_commit()
+    state = provenance.git_state()
     return {
         "platform": platform.platform(), "processor": platform.processor(), "cpu": precision.cpu_name(),
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else precision.cpu_name(),
-        "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": provenance.short_commit(state), "git_dirty": state["git_dirty"],
     }
 
 
@@ -374,7 +358,7 @@ def label(name):
 def print_report(res):
     m, r = res["machine"], res
     print(f"\n{m['device_name']} ({m['device']}; {' '.join(m['cpu_flags']) or 'no AVX'}), {m['torch_threads']} torch threads, "
-          f"torch {m['torch']}, commit {m['git_commit']}{' (uncommitted changes)' if m['git_dirty'] else ''}")
+          f"torch {m['torch']}, commit {m['git_commit']}")
     bn = f" (batch norm over {r['bn_batch']} images)" if r["bn_batch"] else ""
     print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}{bn}, loss {r['loss']}, batch {r['batch_size']}")
     print(f"defaults: {r['defaults_chosen']['described']}")
