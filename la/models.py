@@ -2,7 +2,6 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from la import UserError
 
@@ -61,6 +60,8 @@ def resnet32(num_classes):
 
 def resnet34_cifar(num_classes):
     """torchvision's resnet34 with a 3x3 stride-1 stem and no max-pool, as mmpretrain's ResNet_CIFAR."""
+    import torchvision  # here: importing it costs every process two seconds, and only ResNet-34 needs it
+
     model = torchvision.models.resnet34(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -87,51 +87,51 @@ TINY_EXTRA = ["--set data.download=false", "--set data.val_per_class=2", "--set 
               "--set train.precision=fp32", "--set train.compile=false"]
 
 
-def test_sweep_script_end_to_end(tmp_path, fake_root):
-    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"),
-           "EXTRA": " ".join(TINY_EXTRA)}
+def sweep_env(fake_root, tmp_path, name, **more):
+    return {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+            "OUT": str(tmp_path / f"runs_{name}"), "RESULTS": str(tmp_path / f"results_{name}"), "OMP_NUM_THREADS": "1",
+            "EXTRA": " ".join(TINY_EXTRA), **more}
+
+
+def run_outcome(run_dir):
+    """What a run learned: its metrics lines without timings, its weights, its test results."""
+    import torch
+
+    timing = {"seconds", "img_per_s", "eval_seconds"}
+    metrics = [{k: v for k, v in json.loads(l).items() if k not in timing}
+               for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics, torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"], \
+        json.loads((run_dir / "eval.json").read_text())["test"]
+
+
+def test_sweep_script_end_to_end_one_at_a_time_and_in_parallel(tmp_path, fake_root):
+    import torch
+
+    env = sweep_env(fake_root, tmp_path, "p1")
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
-    results = tmp_path / "results"
+    results = tmp_path / "results_p1"
     for suffix in ("md", "csv", "png"):
         assert (results / f"cifar10_rho_sweep.{suffix}").is_file()
     md = (results / "cifar10_rho_sweep.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in rows] == ["| Baseline", "| Post-hoc adjustment", "| Loss adjustment"]
     assert "—" not in "".join(rows)  # every run finished and was evaluated
-    assert "epochs 1" in md and "Baseline" in proc.stdout
+    assert "epochs 1" in md and "Baseline" in proc.stdout and "1 run(s) at once" in proc.stdout
     with open(results / "cifar10_rho_sweep.csv") as f:
         assert [r["n"] for r in csv.DictReader(f)] == ["1", "1", "1"]
 
+    # PARALLEL=2 trains CE and LA side by side; each must be the run it would have been alone
+    par = sweep_env(fake_root, tmp_path, "p2", PARALLEL="2")
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=par, timeout=120)
+    assert "2 run(s) at once" in proc.stdout
+    assert (tmp_path / "runs_p2" / "rho10_ce_s0.log").read_text().count("epoch   1/1") == 1  # its own log
+    for loss in ("ce", "la"):
+        (m1, w1, e1), (m2, w2, e2) = (run_outcome(tmp_path / f"runs_{p}" / f"rho10_{loss}_s0") for p in ("p1", "p2"))
+        assert len(m1) == 1 and m1 == m2 and e1 == e2, loss
+        assert all(torch.equal(w1[k], w2[k]) for k in w1), loss
+
     again = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     assert again.stdout.count("(--resume)") == 2 and "epoch   1/1" not in again.stdout  # finished runs: not retrained
-
-
-def test_parallel_runs_equal_sequential_runs(tmp_path, fake_root):
-    """PARALLEL=2 trains CE and LA side by side; each run must be the run it would have been alone."""
-    import torch
-
-    timing = {"seconds", "img_per_s", "eval_seconds"}
-    outcome = {}
-    for parallel in ("1", "2"):
-        out = tmp_path / f"runs_p{parallel}"
-        env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "2", "PYTHON": sys.executable,
-               "OUT": str(out), "RESULTS": str(tmp_path / f"results_p{parallel}"), "PARALLEL": parallel,
-               "OMP_NUM_THREADS": "1", "EXTRA": " ".join(TINY_EXTRA)}
-        proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=180)
-        assert f"{parallel} run(s) at once" in proc.stdout
-        for loss in ("ce", "la"):
-            run_dir = out / f"rho10_{loss}_s0"
-            metrics = [{k: v for k, v in json.loads(l).items() if k not in timing}
-                       for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            weights = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
-            outcome.setdefault(loss, []).append((metrics, weights, json.loads((run_dir / "eval.json").read_text())["test"]))
-        if parallel == "2":  # each run's output went to its own log, not into the other's
-            assert (out / "rho10_ce_s0.log").read_text().count("epoch   2/2") == 1
-    for loss, ((m1, w1, e1), (m2, w2, e2)) in outcome.items():
-        assert len(m1) == 2 and m1 == m2, loss
-        assert e1 == e2, loss
-        assert all(torch.equal(w1[k], w2[k]) for k in w1), loss
 
 
 def test_parallel_must_be_a_count(tmp_path):
