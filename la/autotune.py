@@ -1,8 +1,8 @@
 """train.precision=auto and train.compile=auto on a CPU: time the real training step in each candidate, keep the faster.
 
-Which precision is fast is not written in the CPU's flags: on a Xeon with AVX-512 bf16 and AMX, bf16 ran a
-ResNet-32 step 2.5x faster than fp32; on a Xeon that reports the AVX-512 bf16 flag but has no AMX, bf16 was the
-slower kind (BENCHMARKS.md). So `auto` measures, once per machine and model:
+Which precision is fast is not written in the CPU's flags: bf16 was the fast kind on this project's first CPU,
+and the slow kind on a Xeon that reports the AVX-512 bf16 flag without AMX (BENCHMARKS.md, machines A and B).
+So `auto` measures, once per machine and model:
 
 - precision: a few steps in fp32 and in bf16 (where bf16 autocast runs at all), eager; bf16 is kept only
   where it is faster by more than MARGIN (it also costs a little accuracy);
@@ -175,17 +175,17 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
 
     measure = timer or probe.seconds_per_step
     key = cache_key(model_cfg, tc.batch_size // ctx.world_size, tc.channels_last, ctx.world_size)
-    timings, why = _main_cache(key, ctx), {}
+    timings, measured, why = _main_cache(key, ctx), [], {}
 
     def get(name, prec, model=None):  # seconds per step, from the cache or measured now (on every rank)
         if name not in timings:
             timings[name] = _agree({name: measure(prec, model)}, [name], ctx)[name]
-            timings.setdefault("measured", []).append(name)
+            measured.append(name)
         return timings[name]
 
-    def said(names):
-        how = "measured" if any(n in timings.get("measured", ()) for n in names) else "cached"
-        return f"auto, {how}: " + ", ".join(f"{n} {timings[n]:.3g} s/step" for n in names)
+    def said(names, labels=None):
+        how = "measured" if set(names) & set(measured) else "cached"
+        return f"auto, {how}: " + ", ".join(f"{label} {timings[n]:.3g} s/step" for n, label in zip(names, labels or names))
 
     prec = tc.precision
     if prec == "auto":
@@ -205,8 +205,7 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
         if f"compiled_{prec}" not in timings:
             compiled = compile_model()
         use_compile = pick_compile(get(prec, prec), get(f"compiled_{prec}", prec, compiled))
-        why["compile"] = said([prec, f"compiled_{prec}"]).replace(f"{prec} ", "eager ", 1)
-    measured = timings.pop("measured", [])
+        why["compile"] = said([prec, f"compiled_{prec}"], ["eager", "compiled"])
     if ctx.is_main and measured:
         write_cache(key, timings)
     if use_compile and compiled is None:
