@@ -57,12 +57,15 @@ def parse_args(argv):
 
 
 def resolve(path):
-    """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path)."""
+    """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path). A run kept
+    without its checkpoint but with its logits cache (as results/ keeps most) gives (run_dir, None)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "checkpoint.pt").is_file():
-            raise UserError(f"{path} holds no checkpoint.pt (has its first epoch finished?)")
-        return path.resolve(), path.resolve() / "checkpoint.pt"
+        if (path / "checkpoint.pt").is_file():
+            return path.resolve(), path.resolve() / "checkpoint.pt"
+        if (path / "logits.pt").is_file():
+            return path.resolve(), None
+        raise UserError(f"{path} holds no checkpoint.pt (has its first epoch finished?)")
     if path.is_file():
         return path.resolve().parent, path.resolve()
     hint = "; train one first (python train.py)" if path.name == "latest" else ""
@@ -78,12 +81,29 @@ def check_prior(counts, run_dir, args):
                         f"post-hoc adjustment is undefined; evaluate it without --posthoc and --tau-sweep")
 
 
+def cached_logits_alone(run_dir, cache, args):
+    """The cache of a run whose checkpoint was not kept: its logits are all there is, so it must say how far
+    the run got, and nothing can be recomputed."""
+    try:
+        cached = checkpoint.load_plain(cache, "logits cache")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{cache} is unreadable ({type(e).__name__}) and {run_dir} holds no checkpoint.pt to recompute it from")
+    if not isinstance(cached, dict) or "checkpoint_state" not in cached:
+        raise UserError(f"{run_dir} holds no checkpoint.pt, and its logits.pt does not say how far the run got")
+    check_prior(cached["class_counts"], run_dir, args)
+    return {"computed_with": None, **cached}
+
+
 def load_logits(run_dir, ckpt_path, args, ctx):
     """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
     "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
     belongs to this checkpoint."""
-    sha = checkpoint.file_sha256(ckpt_path)
     cache = run_dir / "logits.pt"
+    if ckpt_path is None:
+        return cached_logits_alone(run_dir, cache, args)
+    sha = checkpoint.file_sha256(ckpt_path)
     if cache.is_file():
         try:
             cached = checkpoint.load_plain(cache, "logits cache")
@@ -195,7 +215,7 @@ def evaluate_run(path, args, ctx):
     if args.posthoc and loss_tau:
         print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "
               f"tau={args.tau:g} on top shifts its logits by a total of {loss_tau + args.tau:g} x log prior")
-    report = {"run": str(run_dir), "checkpoint": str(ckpt_path), "checkpoint_sha256": entry["checkpoint_sha256"],
+    report = {"run": str(run_dir), "checkpoint": ckpt_path and str(ckpt_path), "checkpoint_sha256": entry["checkpoint_sha256"],
               **state, "loss": loss_name, "loss_tau": loss_tau, "class_counts": counts,
               "evaluated_with": {**provenance.git_state(), "argv": list(sys.argv), "torch": str(torch.__version__)},
               "logits_computed_with": entry["computed_with"]}

@@ -134,6 +134,27 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     assert torch.load(run_dir / "logits.pt", weights_only=True)["splits"]["test"][0].shape == (100, 10)
 
 
+def test_a_run_kept_without_its_checkpoint_is_evaluated_from_its_logits(two_runs, fake_root, tmp_path):
+    """results/ keeps most runs as logits.pt alone: eval.py reports the same numbers from it, and says what is
+    missing when it cannot."""
+    cwd, _, _ = two_runs
+    run_dir = tmp_path / "kept"
+    shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_ce_s0", run_dir)
+    run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", fake_root], cwd)
+    whole = json.loads((run_dir / "eval.json").read_text())
+    (run_dir / "checkpoint.pt").unlink()
+    run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    alone = json.loads((run_dir / "eval.json").read_text())
+    assert alone["checkpoint"] is None and alone["finished"] is True
+    for key in ("test", "val", "tau_sweep", "checkpoint_sha256", "epoch"):
+        assert alone[key] == whole[key], key
+    cache = torch.load(run_dir / "logits.pt", weights_only=True)
+    del cache["checkpoint_state"]  # a cache from before the state was kept: how far the run got is unknown
+    torch.save(cache, run_dir / "logits.pt")
+    proc = run([REPO / "eval.py", run_dir], cwd, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("its logits.pt does not say how far the run got")
+
+
 def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
     cwd, _, _ = two_runs
     run_dir = tmp_path / "stopped"
