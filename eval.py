@@ -81,41 +81,34 @@ def check_prior(counts, run_dir, args):
                         f"post-hoc adjustment is undefined; evaluate it without --posthoc and --tau-sweep")
 
 
-def cached_logits_alone(run_dir, cache, args):
-    """The cache of a run whose checkpoint was not kept: its logits are all there is, so it must say how far
-    the run got, and nothing can be recomputed."""
+def read_cache(cache):
+    """The logits cache as a dict, or None where there is none or it is unreadable; a cache that asks to import
+    code is a UserError (someone else's file, to be reported rather than overwritten)."""
+    if not cache.is_file():
+        return None
     try:
         cached = checkpoint.load_plain(cache, "logits cache")
     except UserError:
         raise
-    except Exception as e:
-        raise UserError(f"{cache} is unreadable ({type(e).__name__}) and {run_dir} holds no checkpoint.pt to recompute it from")
-    if not isinstance(cached, dict) or "checkpoint_state" not in cached:
-        raise UserError(f"{run_dir} holds no checkpoint.pt, and its logits.pt does not say how far the run got")
-    check_prior(cached["class_counts"], run_dir, args)
-    return {"computed_with": None, **cached}
+    except Exception:
+        return None
+    return cached if isinstance(cached, dict) else None
 
 
 def load_logits(run_dir, ckpt_path, args, ctx):
     """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
     "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
-    belongs to this checkpoint."""
+    belongs to this checkpoint, or when the run kept no checkpoint (then it is all there is)."""
     cache = run_dir / "logits.pt"
-    if ckpt_path is None:
-        return cached_logits_alone(run_dir, cache, args)
-    sha = checkpoint.file_sha256(ckpt_path)
-    if cache.is_file():
-        try:
-            cached = checkpoint.load_plain(cache, "logits cache")
-        except UserError:
-            raise  # it asks to import code: someone else's file, to be reported rather than overwritten
-        except Exception:
-            cached = None  # unreadable cache: recompute it
-        if isinstance(cached, dict) and cached.get("checkpoint_sha256") == sha:
-            check_prior(cached["class_counts"], run_dir, args)
-            if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
-                cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
-            return {"computed_with": None, **cached}
+    cached, sha = read_cache(cache), ckpt_path and checkpoint.file_sha256(ckpt_path)
+    if ckpt_path is None and (cached is None or "checkpoint_state" not in cached):
+        why = "is unreadable" if cached is None else "does not say how far the run got"
+        raise UserError(f"{run_dir} holds no checkpoint.pt, and its logits.pt {why}")
+    if cached is not None and (ckpt_path is None or cached.get("checkpoint_sha256") == sha):
+        check_prior(cached["class_counts"], run_dir, args)
+        if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
+            cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
+        return {"computed_with": None, **cached}
     ckpt = checkpoint.load(ckpt_path)
     check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
