@@ -119,7 +119,7 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
-    model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
+    model = models.from_config(cfg, data.num_classes(cfg.data.dataset), training=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

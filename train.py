@@ -27,6 +27,7 @@ from la import UserError, run_cli, autotune, checkpoint, config, data, dist, eng
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
                      "train.save_every", "train.eval_batch_size", "train.compile",
                      "train.compile_mode", "train.cuda_graph", "train.out"}
+DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
              "logits.pt")
 
@@ -60,10 +61,14 @@ def prepare_run_dir(run_dir, resume, overwrite):
     return taken
 
 
-def check_resumable(cfg, saved):
-    """The resumed run must learn the same thing it started learning."""
+def check_resumable(cfg, saved, epochs_begun):
+    """The resumed run must learn the same thing it started learning. Deferred re-weighting may be switched on or
+    off, or moved, while the checkpoint (with `epochs_begun` epochs begun) predates it under both settings: nothing
+    trained so far depended on it. That is how LDAM and LDAM-DRW share their first 160 epochs."""
     now, then = dict(config.flatten(config.to_dict(cfg))), dict(config.flatten(config.to_dict(config.from_dict(saved))))
-    changed = sorted(k for k in now if now[k] != then[k] and k not in RESUMABLE_CHANGES)
+    drw_start = lambda c: c["loss.drw_epoch"] if c["loss.drw"] else float("inf")
+    free = RESUMABLE_CHANGES | (DRW_KEYS if epochs_begun <= min(drw_start(now), drw_start(then)) else set())
+    changed = sorted(k for k in now if now[k] != then[k] and k not in free)
     if changed:
         k = changed[0]
         raise UserError(f"checkpoint was trained with {k}={then.get(k)!r} but {now[k]!r} was asked for; "
@@ -159,10 +164,10 @@ def train(cfg, args, ctx):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     n_classes = data.num_classes(cfg.data.dataset)
-    model = models.build(cfg.model.name, n_classes, cfg.model.bn_batch).to(ctx.device)
+    model = models.from_config(cfg, n_classes).to(ctx.device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = losses.build_loss(cfg.loss.name, splits.counts, cfg.loss.tau, ctx.device)
+    criterion = losses.from_config(cfg.loss, splits.counts, ctx.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
@@ -170,7 +175,7 @@ def train(cfg, args, ctx):
     start_epoch, start_step, partial, saved_runtime = 0, 0, torch.zeros(3, dtype=torch.float64), None
     if args.resume:
         ckpt = checkpoint.load(run_dir / "checkpoint.pt")
-        check_resumable(cfg, ckpt["config"])
+        check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
         if ckpt.get("split_manifest") != splits.manifest:
             raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
         model.load_state_dict(ckpt["model"])
@@ -224,8 +229,8 @@ def train(cfg, args, ctx):
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
         f"({models.num_params(raw_model) / 1e6:.2f}M params{f', batch norm over {cfg.model.bn_batch} images' if cfg.model.bn_batch else ''}), "
-        f"loss={cfg.loss.name}"
-        f"{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}; {ctx.world_size} x {ctx.device.type}, "
+        f"loss={config.method_name(cfg.loss)}{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}"
+        f"{f' (re-weighted from epoch {cfg.loss.drw_epoch + 1})' if cfg.loss.drw else ''}; {ctx.world_size} x {ctx.device.type}, "
         f"{runtime.describe()}, {cfg.data.loader} loader, global batch {tc.batch_size}")
 
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
@@ -242,6 +247,7 @@ def train(cfg, args, ctx):
 
     for epoch in range(start_epoch, tc.epochs):
         model.train()
+        criterion.set_epoch(epoch)
         t0 = time.perf_counter()
         sums = partial.to(ctx.device)  # [loss * n, correct, n] over this rank's images
         resumed_images = float(partial[2])  # trained before an interruption: not part of this process's speed

@@ -40,8 +40,13 @@ class Model:
 
 @dataclass
 class Loss:
-    name: str = "ce"                # ce | la
+    name: str = "ce"                # ce | la | ldam
     tau: float = 1.0                # temperature of the log-prior shift in the la loss
+    drw: bool = False               # deferred re-weighting: class-balanced loss weights from drw_epoch on
+    drw_epoch: int = 160            # first re-weighted epoch, counted from 0 (LDAM-DRW's 160 of 200)
+    drw_beta: float = 0.9999        # class-balanced weights (1 - beta) / (1 - beta^n_y)
+    ldam_max_margin: float = 0.5    # ldam: the rarest class's margin; the others scale as n_y^(-1/4)
+    ldam_scale: float = 30.0        # ldam: logits are ldam_scale * cosine(features, class weights)
 
 
 @dataclass
@@ -97,7 +102,7 @@ CHOICES = {
     "data.profile": ("exp", "step"),
     "data.loader": ("tensor", "torchvision"),
     "model.name": ("resnet32", "resnet34"),
-    "loss.name": ("ce", "la"),
+    "loss.name": ("ce", "la", "ldam"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -182,6 +187,10 @@ def validate(cfg):
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
         (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
         (0 <= cfg.train.seed <= max_seed, f"train.seed must be in 0..{max_seed}"),
+        (cfg.loss.drw_epoch >= 0, "loss.drw_epoch must be >= 0"),
+        (0 <= cfg.loss.drw_beta < 1, "loss.drw_beta must be in [0, 1)"),
+        (cfg.loss.ldam_max_margin >= 0, "loss.ldam_max_margin must be >= 0"),
+        (cfg.loss.ldam_scale > 0, "loss.ldam_scale must be > 0"),
         (optim.lr > 0, "optim.lr must be > 0"),
         (0 <= optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (optim.momentum > 0 or not optim.nesterov, "optim.nesterov=true needs optim.momentum > 0"),
@@ -236,7 +245,12 @@ def format_rho(rho):
 
 
 def default_run_dir(cfg):
-    return Path("runs") / f"{cfg.data.dataset}-lt_rho{format_rho(cfg.data.rho)}_{cfg.loss.name}_s{cfg.train.seed}"
+    return Path("runs") / f"{cfg.data.dataset}-lt_rho{format_rho(cfg.data.rho)}_{method_name(cfg.loss)}_s{cfg.train.seed}"
+
+
+def method_name(loss_cfg):
+    """ce, la, ldam, with -drw when deferred re-weighting is on: how run directories and tables name a method."""
+    return loss_cfg.name + ("-drw" if loss_cfg.drw else "")
 
 
 class Parser(argparse.ArgumentParser):
@@ -250,9 +264,11 @@ def add_recipe_flags(parser):
     parser.add_argument("--config", help=f"recipe YAML (default {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)})")
     for flag, key in FLAG_KEYS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar="VALUE", help=f"sets {key}")
+    parser.add_argument("--drw", action="store_true", help="sets loss.drw=true (deferred re-weighting)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
 
 
 def from_args(args):
     overrides = [(FLAG_KEYS[f], getattr(args, f)) for f in FLAG_KEYS if getattr(args, f) is not None]
+    overrides += [("loss.drw", True)] if args.drw else []
     return build(args.config, overrides + parse_set(args.set))

@@ -1,8 +1,10 @@
-"""Logit adjustment (Menon et al., 2020) in three functions.
+"""Logit adjustment (Menon et al., 2020) in three functions, and the baselines it is compared with.
 
-Training with the LA loss shifts the logits by +tau*log(prior) inside the softmax, so the
-raw logits learn the balanced posterior; post-hoc adjustment instead subtracts
-tau*log(prior) from a plain-CE model's logits at prediction time.
+Training with the LA loss shifts the logits by +tau*log(prior) inside the softmax, so the raw logits learn
+the balanced posterior; post-hoc adjustment instead subtracts tau*log(prior) from a plain-CE model's logits
+at prediction time. The baselines: LDAM (Cao et al., 2019), an additive per-class margin on a cosine
+classifier; deferred re-weighting (DRW), class-balanced loss weights (Cui et al., 2019) from a late epoch;
+and post-hoc weight normalisation (Kang et al., 2020), which rescales each class's classifier weights.
 """
 import torch
 import torch.nn.functional as F
@@ -14,9 +16,9 @@ def log_prior(counts):
     return (counts / counts.sum()).log().float()
 
 
-def logit_adjusted_ce(logits, targets, log_pi, tau=1.0):
+def logit_adjusted_ce(logits, targets, log_pi, tau=1.0, weight=None):
     """Softmax cross-entropy on f(x) + tau * log pi; tau = 0 is plain cross-entropy."""
-    return F.cross_entropy(logits + tau * log_pi.to(logits), targets)
+    return F.cross_entropy(logits + tau * log_pi.to(logits), targets, weight=weight)
 
 
 def posthoc_adjust(logits, log_pi, tau=1.0):
@@ -24,10 +26,71 @@ def posthoc_adjust(logits, log_pi, tau=1.0):
     return logits - tau * log_pi.to(logits)
 
 
-def build_loss(name, counts, tau, device="cpu"):
-    """The training criterion: 'ce' or 'la' (loss(logits, targets)), its log-prior kept on the training device:
-    copying it there every step would make the host wait for the GPU."""
-    if name == "ce":
-        return F.cross_entropy
-    log_pi = log_prior(counts).to(device)
-    return lambda logits, targets: logit_adjusted_ce(logits, targets, log_pi, tau)
+def ldam_margins(counts, max_margin=0.5):
+    """LDAM's per-class margins: proportional to n_y^(-1/4), the rarest class's equal to max_margin."""
+    m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
+    return (m * (max_margin / m.max())).float()
+
+
+def ldam_loss(logits, targets, margins, scale, weight=None):
+    """LDAM on a cosine classifier whose logits are scale * cos(x, w_y): cross-entropy after the target's
+    cosine is lowered by its class margin, i.e. its logit by scale * m_y."""
+    margin = scale * margins.to(logits)[targets]
+    shifted = logits - F.one_hot(targets, logits.shape[1]).to(logits) * margin[:, None]
+    return F.cross_entropy(shifted, targets, weight=weight)
+
+
+def class_balanced_weights(counts, beta=0.9999):
+    """Class-balanced weights (Cui et al., 2019) as LDAM-DRW's code computes them: (1 - beta) / (1 - beta^n_y),
+    rescaled to sum to the number of classes."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = (1 - beta) / (1 - beta ** n)
+    return (w * (len(n) / w.sum())).float()
+
+
+def weight_normalized_logits(features, weight, tau):
+    """Post-hoc weight normalisation: logits phi(x) . w_y / ||w_y||^tau. The bias is dropped, as Kang et al.'s
+    tau-normalised classifier does; tau = 0 is the linear head without its bias."""
+    w = weight.float()
+    return features.float() @ (w / w.norm(dim=1, keepdim=True) ** tau).T
+
+
+class Criterion:
+    """The training loss, called as loss(logits, targets): 'ce', 'la' (tau) or 'ldam' (max_margin, scale).
+
+    With drw_epoch set, cross-entropy is weighted per class by class_balanced_weights(counts, drw_beta) from that
+    epoch on (set_epoch switches it); before it every weight is 1, which is bit for bit the unweighted loss. The
+    weights and log-prior stay on the training device and change in place: copying them there every step would
+    make the host wait for the GPU, and a recorded CUDA graph reads the same tensor.
+    """
+
+    def __init__(self, name, counts, tau=1.0, device="cpu", drw_epoch=None, drw_beta=0.9999, max_margin=0.5,
+                 scale=30.0):
+        self.name, self.tau, self.scale, self.drw_epoch = name, tau, scale, drw_epoch
+        self.log_pi = log_prior(counts).to(device)
+        self.margins = ldam_margins(counts, max_margin).to(device)
+        self.balanced = class_balanced_weights(counts, drw_beta).to(device) if drw_epoch is not None else None
+        self.weight = None if drw_epoch is None else torch.ones(len(counts), device=device)
+
+    def set_epoch(self, epoch):
+        """epoch counts from 0: re-weighting starts with the epoch logged as drw_epoch + 1."""
+        if self.weight is not None:
+            self.weight.copy_(self.balanced if epoch >= self.drw_epoch else torch.ones_like(self.weight))
+
+    def __call__(self, logits, targets):
+        if self.name == "la":
+            return logit_adjusted_ce(logits, targets, self.log_pi, self.tau, self.weight)
+        if self.name == "ldam":
+            return ldam_loss(logits, targets, self.margins, self.scale, self.weight)
+        return F.cross_entropy(logits, targets, weight=self.weight)
+
+
+def build_loss(name, counts, tau=1.0, device="cpu"):
+    """Plain CE, or the LA loss with temperature tau (a Criterion without re-weighting)."""
+    return Criterion(name, counts, tau, device)
+
+
+def from_config(loss_cfg, counts, device="cpu"):
+    """The criterion a config's loss section describes."""
+    return Criterion(loss_cfg.name, counts, loss_cfg.tau, device, loss_cfg.drw_epoch if loss_cfg.drw else None,
+                     loss_cfg.drw_beta, loss_cfg.ldam_max_margin, loss_cfg.ldam_scale)

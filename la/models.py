@@ -1,4 +1,5 @@
-"""ResNet-32 of He et al. (CIFAR, basic blocks, option-A shortcuts) and the seed's ResNet-34 CIFAR variant."""
+"""ResNet-32 of He et al. (CIFAR, basic blocks, option-A shortcuts) and the seed's ResNet-34 CIFAR variant,
+with a linear classifier (`fc`) or the cosine one LDAM trains."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,6 +73,20 @@ def resnet34_cifar(num_classes):
 MODELS = {"resnet32": resnet32, "resnet34": resnet34_cifar}
 
 
+class CosineClassifier(nn.Module):
+    """Logits scale * cos(phi(x), w_y), no bias: the normalised head LDAM trains (LDAM-DRW's NormedLinear with
+    its scale s folded in, so the logits are the ones its loss sees)."""
+
+    def __init__(self, in_features, num_classes, scale):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_normal_(self.weight)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """Batch norm that, in training, normalises each run of `group` images of the batch by its own statistics.
 
@@ -135,12 +150,22 @@ def use_group_batch_norm(model, group):
     return model
 
 
-def build(name, num_classes, bn_batch=0):
-    """The named network; bn_batch > 0 normalises groups of that many training images (GroupBatchNorm2d)."""
+def build(name, num_classes, bn_batch=0, cosine_scale=None):
+    """The named network; bn_batch > 0 normalises groups of that many training images (GroupBatchNorm2d);
+    cosine_scale replaces the linear classifier by a CosineClassifier of that scale."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = MODELS[name](num_classes)
+    if cosine_scale is not None:
+        model.fc = CosineClassifier(model.fc.in_features, num_classes, cosine_scale)
     return use_group_batch_norm(model, bn_batch) if bn_batch else model
+
+
+def from_config(cfg, num_classes, training=True):
+    """The network a recipe trains: LDAM's cosine classifier with --loss ldam; batch-norm groups only in training
+    (they change nothing in evaluation, and the weights are plain batch norm's)."""
+    cosine = cfg.loss.ldam_scale if cfg.loss.name == "ldam" else None
+    return build(cfg.model.name, num_classes, cfg.model.bn_batch if training else 0, cosine)
 
 
 def num_params(model):
