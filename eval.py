@@ -9,14 +9,13 @@ Logits are computed once per checkpoint and cached in the run directory (logits.
 """
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from la import (UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, precision,
-                provenance, tausweep)
+from la import (UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, provenance, runtime,
+                tausweep)
 
 ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
                  ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
@@ -112,10 +111,7 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     ckpt = checkpoint.load(ckpt_path)
     check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
-    if args.data_root:
-        cfg.data.root = args.data_root
-    elif os.environ.get("LA_DATA_ROOT"):
-        cfg.data.root = os.environ["LA_DATA_ROOT"]
+    cfg.data.root = config.data_root(args.data_root, cfg.data.root)
     splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
@@ -127,17 +123,14 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # 'auto': the precision the run trained in (la.autotune may have measured it) on this kind of device
-    runtime = ckpt.get("runtime") or {}
-    same_device = runtime.get("device") == ctx.device.type
-    prec = runtime["precision"] if cfg.train.precision == "auto" and same_device else precision.resolve(cfg.train.precision, ctx.device)
+    rt = runtime.for_evaluation(cfg.train, ckpt.get("runtime"), ctx.device)
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):
-            logits = engine.compute_logits(model, x, ctx.device, prec, cfg.train.channels_last, args.batch_size)
+            logits = engine.compute_logits(model, x, rt, args.batch_size)
             out[name] = (logits, torch.as_tensor(y))
     entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"],
-             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
+             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, rt.precision)}
     checkpoint.save_atomic(entry, cache)
     return entry
 

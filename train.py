@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, precision, provenance
+from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, provenance, runtime as rt
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -153,8 +153,8 @@ def train(cfg, args, ctx):
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
     # a cuda_graph=true that cannot work is refused now, before the run directory is touched
-    precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, precision.resolve_compile(tc.compile, ctx.device))
-    loader = data.make_loader(cfg.data, splits, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device, tc.channels_last)
+    rt.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, rt.resolve_compile(tc.compile, ctx.device))
+    loader = data.make_loader(cfg, splits, ctx)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
@@ -184,8 +184,8 @@ def train(cfg, args, ctx):
         set_rng_state(ckpt["rng"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step"]
         saved_runtime = ckpt.get("runtime") or {  # checkpoints from before la.autotune: the static rules
-            "precision": precision.resolve(ckpt["config"]["train"]["precision"], ctx.device),
-            "compile": precision.resolve_compile(ckpt["config"]["train"]["compile"], ctx.device)}
+            "precision": rt.resolve_precision(ckpt["config"]["train"]["precision"], ctx.device),
+            "compile": rt.resolve_compile(ckpt["config"]["train"]["compile"], ctx.device)}
         if start_epoch > tc.epochs or (start_epoch == tc.epochs and start_step):
             raise UserError(f"{run_dir} has trained {start_epoch} epochs, more than the {tc.epochs} asked for")
         partial = ckpt["partial"] if ctx.is_main else partial
@@ -215,16 +215,15 @@ def train(cfg, args, ctx):
         # (what torch.compile makes after a second batch size) ran 7 % slower here
         return torch.compile(model, mode=tc.compile_mode, dynamic=False)
 
-    probe = autotune.Probe(model, raw_model, criterion, optimizer, lambda: next(loader.batches(0)), ctx.device,
-                           engine.make_train_step)
+    probe = autotune.Probe(model, raw_model, optimizer, lambda: next(loader.batches(0)), lambda m, prec: engine.make_train_step(
+        m, criterion, optimizer, rt.Runtime(ctx.device, prec), tc.batch_size))
     steps_left = (tc.epochs - start_epoch) * steps_per_epoch - start_step
     runtime, compiled = autotune.choose(tc, cfg.model, ctx, probe, compile_model, steps_left, saved_runtime)
     model = model if compiled is None else compiled
     if ctx.is_main:
         (run_dir / "runtime.json").write_text(json.dumps(runtime.to_dict(), indent=1) + "\n")
         provenance.record(run_dir, ctx.device, runtime.precision, (start_epoch, start_step) if args.resume else None)
-    train_step = engine.make_train_step(model, criterion, optimizer, runtime.precision, ctx.device, runtime.cuda_graph,
-                                        tc.batch_size)
+    train_step = engine.make_train_step(model, criterion, optimizer, runtime, tc.batch_size)
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
@@ -291,7 +290,7 @@ def train(cfg, args, ctx):
             t1 = time.perf_counter()
             for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
                 if len(y_split):
-                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, runtime.precision, tc.channels_last, tc.eval_batch_size)
+                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, runtime, tc.eval_batch_size)
                     record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
             record["eval_seconds"] = time.perf_counter() - t1
         record.update({"seconds": train_seconds, "img_per_s": (float(totals[2]) - resumed_images) / train_seconds})

@@ -14,46 +14,23 @@ So `auto` measures, once per machine and model:
 The steps are taken on the run's own model, optimizer and first batch; the model's and optimizer's state and
 the random number generators are restored afterwards, so the run is the one an explicit setting would train.
 Timings are cached per machine and model (`cache_file()`), so later runs start at once. On CUDA nothing is
-measured: bf16 where supported, no compile, the CUDA graph (la.precision's static rules).
+measured: bf16 where supported, no compile, the CUDA graph (la.runtime's static rules).
 """
 import copy
 import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from la import dist, precision
+from la import dist, hardware
+from la.runtime import Runtime, resolve_compile, resolve_cuda_graph, resolve_precision
 
 MARGIN = 0.05             # a candidate must be this much faster per step to replace the simpler one
 COMPILE_MIN_RUN_S = 900   # eager training seconds left below which compiling is not tried
 WARMUP_STEPS, TIMED_STEPS = 2, 5
-
-
-@dataclass
-class Runtime:
-    """How a run trains: decided once, recorded in the run directory and the checkpoint."""
-    device: str                                   # cpu | cuda: what the choice was made for
-    precision: str
-    compile: bool
-    cuda_graph: bool
-    why: dict = field(default_factory=dict)       # setting -> how it was decided, for the start-up line
-    timings: dict = field(default_factory=dict)   # seconds per step of each candidate measured or cached
-
-    def to_dict(self):
-        return {"device": self.device, "precision": self.precision, "compile": self.compile, "cuda_graph": self.cuda_graph,
-                "why": self.why, "seconds_per_step": self.timings}
-
-    def describe(self):
-        """'precision fp32 (auto: measured fp32 0.412 s/step, bf16 0.861 s/step)' and the like."""
-        def part(name, value):
-            why = self.why.get(name)
-            return f"{name} {value}" + (f" ({why})" if why else "")
-        return ", ".join([part("precision", self.precision), part("compile", "on" if self.compile else "off")]
-                         + (["CUDA graph"] if self.cuda_graph else []))
 
 
 # ---------------------------------------------------------------- the decisions, from timings alone
@@ -77,7 +54,7 @@ def cache_file():
 
 
 def cache_key(model_cfg, per_rank_batch, channels_last, world_size):
-    return " | ".join([precision.cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+    return " | ".join([hardware.cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
                        f"{world_size} process(es)", model_cfg.name, f"bn_batch {model_cfg.bn_batch}",
                        f"batch {per_rank_batch}", "channels_last" if channels_last else "nchw"])
 
@@ -109,16 +86,20 @@ def write_cache(key, timings):
 # ---------------------------------------------------------------- measuring
 
 class Probe:
-    """Times training steps on the run's own objects and puts everything back afterwards."""
+    """Times training steps on the run's own objects and puts everything back afterwards.
 
-    def __init__(self, model, raw_model, criterion, optimizer, first_batch, device, make_step):
-        self.model, self.raw_model, self.criterion, self.optimizer = model, raw_model, criterion, optimizer
-        self.first_batch, self.device, self.make_step = first_batch, device, make_step  # first_batch: () -> (x, y)
+    step_for(model, precision) -> an eager training step (x, y) -> (loss, logits) of that model at that precision;
+    first_batch() -> (x, y).
+    """
+
+    def __init__(self, model, raw_model, optimizer, first_batch, step_for):
+        self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
+        self.first_batch, self.step_for = first_batch, step_for
 
     def seconds_per_step(self, prec, model=None):
         """Median seconds of TIMED_STEPS steps after WARMUP_STEPS (a compiled model compiles in its first)."""
         x, y = self.first_batch()
-        step = self.make_step(self.model if model is None else model, self.criterion, self.optimizer, prec, self.device, False, len(y))
+        step = self.step_for(self.model if model is None else model, prec)
         saved = copy.deepcopy((self.raw_model.state_dict(), self.optimizer.state_dict()))
         times = []
         with torch.random.fork_rng(devices=[]):
@@ -161,6 +142,8 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
     training steps this process will take; saved: the Runtime dict of a checkpoint being resumed;
     timer: (precision, compiled model or None) -> seconds per step, in place of the probe (tests plant timings).
     """
+    # a cuda_graph=true that cannot work is refused before anything is measured
+    resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, resolve_compile(tc.compile, ctx.device))
     if saved and saved.get("device", ctx.device.type) != ctx.device.type:
         saved = None  # moved to another kind of device: decide afresh for this one
     if saved:  # a resumed run trains as it started; explicit settings still win (compile may change on resume)
@@ -170,8 +153,8 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
         return _finish(tc, ctx, prec, use_compile, why, saved.get("seconds_per_step", {}), compile_model)
     if ctx.device.type != "cpu" or (tc.precision != "auto" and tc.compile != "auto"):
         why = {k: "auto" for k in ("precision", "compile") if getattr(tc, k) == "auto"}
-        return _finish(tc, ctx, precision.resolve(tc.precision, ctx.device),
-                       precision.resolve_compile(tc.compile, ctx.device), why, {}, compile_model)
+        return _finish(tc, ctx, resolve_precision(tc.precision, ctx.device),
+                       resolve_compile(tc.compile, ctx.device), why, {}, compile_model)
 
     measure = timer or probe.seconds_per_step
     key = cache_key(model_cfg, tc.batch_size // ctx.world_size, tc.channels_last, ctx.world_size)
@@ -189,13 +172,13 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
 
     prec = tc.precision
     if prec == "auto":
-        candidates = ["fp32"] + (["bf16"] if precision.cpu_runs_bf16() else [])
+        candidates = ["fp32"] + (["bf16"] if hardware.cpu_runs_bf16() else [])
         prec = pick_precision({c: get(c, c) for c in candidates})
         why["precision"] = said(candidates)
     compiled = None
     if tc.compile != "auto":
         use_compile = tc.compile == "true"
-    elif precision.cxx_compiler() is None:
+    elif hardware.cxx_compiler() is None:
         use_compile, why["compile"] = False, "auto: no C++ compiler"
     elif f"compiled_{prec}" not in timings and get(prec, prec) * steps_left < COMPILE_MIN_RUN_S:
         use_compile = False
@@ -210,10 +193,10 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
         write_cache(key, timings)
     if use_compile and compiled is None:
         compiled = compile_model()
-    runtime = Runtime(ctx.device.type, prec, use_compile, False, why, timings)
+    runtime = Runtime(ctx.device, prec, use_compile, False, tc.channels_last, why, timings)
     return runtime, compiled if use_compile else None
 
 
 def _finish(tc, ctx, prec, use_compile, why, timings, compile_model):
-    graph = precision.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, use_compile)
-    return Runtime(ctx.device.type, prec, use_compile, graph, why, timings), (compile_model() if use_compile else None)
+    graph = resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, use_compile)
+    return Runtime(ctx.device, prec, use_compile, graph, tc.channels_last, why, timings), (compile_model() if use_compile else None)

@@ -205,13 +205,18 @@ def validate(cfg):
             raise UserError(message)
 
 
+def data_root(flag=None, recorded="./data"):
+    """Where the data is, the one rule every entry point follows: --data-root, else $LA_DATA_ROOT, else the
+    recipe's data.root (for eval.py, the one the run recorded)."""
+    return flag or os.environ.get("LA_DATA_ROOT") or recorded
+
+
 def build(config_path=None, overrides=()):
-    """Defaults <- YAML <- $LA_DATA_ROOT <- overrides (a list of (dotted key, value))."""
+    """Defaults <- YAML <- $LA_DATA_ROOT <- overrides (a list of (dotted key, value); --data-root is one)."""
     cfg = Config()
     for key, value in load_yaml(config_path or DEFAULT_CONFIG).items():
         set_key(cfg, key, value)
-    if os.environ.get("LA_DATA_ROOT"):
-        cfg.data.root = os.environ["LA_DATA_ROOT"]
+    cfg.data.root = data_root(None, cfg.data.root)
     for key, value in overrides:
         set_key(cfg, key, value)
     validate(cfg)

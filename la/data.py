@@ -371,7 +371,10 @@ class TorchvisionLoader:
             yield x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format), y.to(self.device)
 
 
-def make_loader(data_cfg, splits, batch_size, rank, world_size, seed, device, channels_last):
-    kind = TensorLoader if data_cfg.loader == "tensor" else TorchvisionLoader
-    extra = {"workers": data_cfg.workers} if data_cfg.loader == "torchvision" else {}
-    return kind(splits.train_x, splits.train_y, batch_size, rank, world_size, seed, device, channels_last, data_cfg.augment, **extra)
+def make_loader(cfg, splits, ctx):
+    """The training batches a recipe asks for (data.loader), this rank's share, on ctx's device."""
+    dc, tc = cfg.data, cfg.train
+    kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
+    extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
+    return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
+                tc.channels_last, dc.augment, **extra)

@@ -1,15 +1,14 @@
 """The training step and evaluation passes, shared by train.py, eval.py and scripts/bench.py."""
-import warnings
-
 import torch
 from torch.optim.sgd import sgd
 
-from la import data, dist, metrics, precision
+from la import data, dist, metrics
+from la.runtime import autocast
 
 
 def train_step(model, criterion, optimizer, x, y, prec, device):
     """One SGD step: forward under autocast, fp32 loss, backward, update. Returns (loss, logits), detached."""
-    with precision.autocast(prec, device):
+    with autocast(prec, device):
         logits = model(x)
     loss = criterion(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -44,14 +43,11 @@ class GraphedTrainStep:
         self.lr = torch.zeros((), device=device)
         self.batch_size, self.graph, self.warmup = batch_size, graph, warmup
         self.recorded = None  # (graph, static x, static y, static (loss, logits))
-        # torch's LR schedulers warn if optimizer.step() was never called; the update here is the same step in
-        # its functional form, so the warning (and its claim that a rate is skipped) would be false
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
     def _step(self, x, y):
         # the backward then allocates fresh gradients; while recording, from the graph's own memory
         self.optimizer.zero_grad(set_to_none=True)
-        with precision.autocast(self.prec, self.device, cache=False):  # a cached cast would outlive the recording
+        with autocast(self.prec, self.device, cache=False):  # a cached cast would outlive the recording
             logits = self.model(x)
         loss = self.criterion(logits.float(), y)
         loss.backward()
@@ -67,6 +63,9 @@ class GraphedTrainStep:
 
     def __call__(self, x, y):
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+        # the update is optimizer.step()'s own, in functional form: tell the LR scheduler so, which would
+        # otherwise warn that a rate was skipped (torch's flag for it; no process-wide warnings filter)
+        self.optimizer._opt_called = True
         if not self.graph or len(y) != self.batch_size:
             return self._step(x, y)
         if self.recorded is None and self.warmup > 0:  # lets cuDNN and the allocator settle before recording
@@ -90,34 +89,34 @@ class GraphedTrainStep:
         return out
 
 
-def make_train_step(model, criterion, optimizer, prec, device, cuda_graph, batch_size):
-    """The step train.py and scripts/bench.py call: (x, y) -> (loss, logits). With cuda_graph, batches of
-    batch_size images replay one recorded graph."""
-    if cuda_graph:
-        return GraphedTrainStep(model, criterion, optimizer, prec, device, batch_size)
-    return lambda x, y: train_step(model, criterion, optimizer, x, y, prec, device)
+def make_train_step(model, criterion, optimizer, rt, batch_size):
+    """The step train.py and scripts/bench.py call: (x, y) -> (loss, logits), at the Runtime rt's precision. With
+    rt.cuda_graph, batches of batch_size images replay one recorded graph."""
+    if rt.cuda_graph:
+        return GraphedTrainStep(model, criterion, optimizer, rt.precision, rt.device, batch_size)
+    return lambda x, y: train_step(model, criterion, optimizer, x, y, rt.precision, rt.device)
 
 
 @torch.no_grad()
-def compute_logits(model, x, device, prec, channels_last, batch_size=1024):
+def compute_logits(model, x, rt, batch_size=1024):
     """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU."""
     model.eval()
-    normalize = data.Normalize(device, channels_last)
+    normalize = data.Normalize(rt.device, rt.channels_last)
     x = torch.as_tensor(x)
     out = []
     for i in range(0, len(x), batch_size):
-        with precision.autocast(prec, device):
-            out.append(model(normalize(x[i:i + batch_size].to(device))).float().cpu())
+        with rt.autocast():
+            out.append(model(normalize(x[i:i + batch_size].to(rt.device))).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def evaluate(model, x, y, train_counts, ctx, prec, channels_last, batch_size=1024):
+def evaluate(model, x, y, train_counts, ctx, rt, batch_size=1024):
     """Metrics on a split, each rank taking a disjoint contiguous shard: every image counted exactly once."""
     lo, hi = len(y) * ctx.rank // ctx.world_size, len(y) * (ctx.rank + 1) // ctx.world_size
     n_classes = len(train_counts)
     sums = torch.zeros(2 * n_classes + 1 + 3 * metrics.ECE_BINS, dtype=torch.float64)
     if hi > lo:
-        logits = compute_logits(model, x[lo:hi], ctx.device, prec, channels_last, batch_size)
+        logits = compute_logits(model, x[lo:hi], rt, batch_size)
         sums = metrics.accumulate(logits, torch.as_tensor(y[lo:hi]), n_classes)
     sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
     return metrics.summarize(sums, n_classes, train_counts)

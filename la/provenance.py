@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from la.precision import cpu_name
+from la.hardware import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 

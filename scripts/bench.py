@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere, like train.py
 
-from la import UserError, run_cli, autotune, config, data, engine, losses, models, precision, provenance  # noqa: E402
+from la import UserError, run_cli, autotune, config, data, dist, engine, hardware, losses, models, provenance  # noqa: E402
+from la.runtime import Runtime, resolve_cuda_graph  # noqa: E402
 
 DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in the JSON as a cross-check
 
@@ -51,7 +51,7 @@ DESIGN_GFLOP_RESNET32 = 0.41  # DESIGN.md's figure per training image, kept in t
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-root", default=os.environ.get("LA_DATA_ROOT") or "./data")
+    p.add_argument("--data-root", help="default: $LA_DATA_ROOT, else ./data (config.data_root)")
     p.add_argument("--synthetic", action="store_true", help="random uint8 images of CIFAR shape instead of CIFAR")
     p.add_argument("--rho", type=float, default=100.0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -140,7 +140,8 @@ def make_step(model, criterion, optimizer, prec, device, bookkeeping, cuda_graph
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 32
     count = itertools.count(1)
-    train_step = engine.make_train_step(model, criterion, optimizer, prec, device, cuda_graph, batch_size)
+    rt = Runtime(device, prec, cuda_graph=cuda_graph)
+    train_step = engine.make_train_step(model, criterion, optimizer, rt, batch_size)
 
     def step(x, y):
         nonlocal nonfinite
@@ -222,9 +223,9 @@ def resolve_defaults(ctx, args):
     cfg, device = ctx["cfg"], ctx["device"]
     model, optimizer = build_model(cfg, ctx["n_classes"], device, channels_last=True)
     loader = tensor_loader(ctx, args)
-    probe = autotune.Probe(model, model, ctx["criterion"], optimizer, lambda: next(loader.batches(0)), device,
-                           engine.make_train_step)
-    one = SimpleNamespace(device=device, world_size=1, distributed=False, is_main=True)
+    probe = autotune.Probe(model, model, optimizer, lambda: next(loader.batches(0)), lambda m, prec: engine.make_train_step(
+        m, ctx["criterion"], optimizer, Runtime(device, prec), args.batch_size))
+    one = dist.Context(0, 0, 1, device)
     steps = cfg.train.epochs * loader.steps(0)
     runtime, _ = autotune.choose(cfg.train, cfg.model, one, probe,
                                  lambda: torch.compile(model, mode=ctx["compile_mode"], dynamic=False), steps)
@@ -237,8 +238,8 @@ def grid(ctx, args):
     if ctx["device"].type != "cpu" and args.grid != "yes" or args.grid == "no":
         return []
     cuda = ctx["device"].type == "cuda"
-    precs = ["fp32"] + (["bf16"] if cuda or precision.cpu_runs_bf16() else [])
-    compiles = [False] + ([True] if cuda or precision.cxx_compiler() else [])
+    precs = ["fp32"] + (["bf16"] if cuda or hardware.cpu_runs_bf16() else [])
+    compiles = [False] + ([True] if cuda or hardware.cxx_compiler() else [])
     precs = precs if args.precision == "auto" else [args.precision]
     compiles = compiles if args.compile == "auto" else [args.compile == "true"]
     return [(p, c) for p in precs for c in compiles]
@@ -314,21 +315,17 @@ def gflop_per_image(cfg, n_classes):
 
 def cpu_flags():
     """The CPU features that decide which precision is fast: AVX-512 (with bf16) and AMX."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return sorted(f for f in set(hardware.cpu_flags()) if f in wanted)
 
 
 def machine(device):
     state = provenance.git_state()
     return {
-        "platform": platform.platform(), "processor": platform.processor(), "cpu": precision.cpu_name(),
+        "platform": platform.platform(), "processor": platform.processor(), "cpu": hardware.cpu_name(),
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else precision.cpu_name(),
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else hardware.cpu_name(),
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": provenance.short_commit(state), "git_dirty": state["git_dirty"],
     }
 
@@ -391,7 +388,7 @@ def main(argv):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available")
-    cfg = config.build(overrides=[("data.root", args.data_root), ("data.download", "false"), ("data.rho", str(args.rho)),
+    cfg = config.build(overrides=[("data.root", config.data_root(args.data_root)), ("data.download", "false"), ("data.rho", str(args.rho)),
                                   ("model.name", args.model), ("loss.name", args.loss),
                                   ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision),
                                   ("train.compile", args.compile), ("train.cuda_graph", args.cuda_graph),
@@ -412,7 +409,7 @@ def main(argv):
         plan = [] if args.skip_reference else [("reference", ("fp32", False, False), lambda: bench_reference(ctx, args))]
         plan.append(("train", settings, lambda: bench_train(ctx, args, *settings)))
         for prec, compiled in grid(ctx, args):
-            graph = precision.resolve_cuda_graph(args.cuda_graph, device, 1, compiled)
+            graph = resolve_cuda_graph(args.cuda_graph, device, 1, compiled)
             plan.append((f"train_{prec}_{'compiled' if compiled else 'eager'}", (prec, compiled, graph),
                          lambda p=prec, c=compiled, g=graph: bench_train(ctx, args, p, c, g)))
         plan.append(("ceiling", settings, lambda: bench_ceiling(ctx, args, *settings)))

@@ -15,7 +15,7 @@
 # TIME_LIMIT (seconds from the start, empty: none) stops any training still running then; a stopped run saves a checkpoint
 # and continues with --resume. Finished runs are skipped on a re-run.
 set -euo pipefail
-DATA_ROOT=${DATA_ROOT:-${LA_DATA_ROOT:-./data}}
+DATA_ROOT=${DATA_ROOT:-}    # empty: train.py's rule ($LA_DATA_ROOT, else ./data)
 OUT=${OUT:-runs/gpu}
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}
@@ -29,7 +29,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 START=$(date +%s)
 mkdir -p "$OUT"
 
-common=(--data-root "$DATA_ROOT" --device "$DEVICE" --rho 100 ${EPOCHS:+--epochs "$EPOCHS"} $EXTRA)
+root=()
+[[ -n $DATA_ROOT ]] && root=(--data-root "$DATA_ROOT")
+common=("${root[@]}" --device "$DEVICE" --rho 100 ${EPOCHS:+--epochs "$EPOCHS"} $EXTRA)
 left() {  # seconds of TIME_LIMIT left, or a day
     [[ -z $TIME_LIMIT ]] && { echo 86400; return; }
     local n=$(( TIME_LIMIT - ($(date +%s) - START) ))
@@ -50,10 +52,10 @@ step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if step 1; then
 echo "== 1. benchmark ($DEVICE)"
-"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH \
+"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" "${root[@]}" $BENCH \
     --json "$OUT/bench_$DEVICE.json" || echo "bench failed: exit $?"
 echo "-- (b) and (c) without the CUDA graph"
-"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" --data-root "$DATA_ROOT" $BENCH --skip-reference \
+"$PYTHON" "$REPO/scripts/bench.py" --device "$DEVICE" "${root[@]}" $BENCH --skip-reference \
     --cuda-graph false --json "$OUT/bench_${DEVICE}_eager.json" || echo "bench failed: exit $?"
 fi
 
@@ -77,13 +79,13 @@ for dir in "$OUT"/*/; do
     # only finished runs: a run stopped by TIME_LIMIT has a checkpoint but fewer metric lines than epochs
     [[ -f $dir/checkpoint.pt && $(grep -c . "$dir/metrics.jsonl") == $(grep -m1 "^  epochs:" "$dir/config.yaml" | tr -dc 0-9) ]] \
         || continue
-    flags=(--data-root "$DATA_ROOT")
+    flags=("${root[@]}")
     [[ $dir == *_ce_* ]] && flags+=(--posthoc --tau 1 --tau-sweep)
     echo "-- $dir"
     "$PYTHON" "$REPO/eval.py" "$dir" "${flags[@]}" || echo "eval failed: exit $?"
 done
 if [[ -f $OUT/r34_ce_s0/eval.json && -f $OUT/r34_la_s0/eval.json ]]; then  # both seed-recipe runs evaluated
-    "$PYTHON" "$REPO/eval.py" "$OUT/r34_ce_s0" "$OUT/r34_la_s0" --posthoc --tau 1 --data-root "$DATA_ROOT" \
+    "$PYTHON" "$REPO/eval.py" "$OUT/r34_ce_s0" "$OUT/r34_la_s0" --posthoc --tau 1 "${root[@]}" \
         --plot "$OUT/per_class_seed.png" > /dev/null || echo "per-class chart failed: exit $?"
 fi
 echo "done in $(( $(date +%s) - START )) s"

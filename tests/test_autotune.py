@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from la import autotune, config, precision
+from la import autotune, config, hardware
 
 CPU = SimpleNamespace(device=torch.device("cpu"), world_size=1, distributed=False, is_main=True, rank=0)
 
@@ -17,8 +17,8 @@ CPU = SimpleNamespace(device=torch.device("cpu"), world_size=1, distributed=Fals
 def machine(monkeypatch, tmp_path):
     """A CPU with a C++ compiler where bf16 runs, and an empty timing cache."""
     monkeypatch.setenv("LA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(precision, "cxx_compiler", lambda: "/usr/bin/g++")
-    monkeypatch.setattr(precision, "cpu_runs_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(hardware, "cpu_runs_bf16", lambda: True)
 
 
 def choose(planted, steps_left=10_000, keep_cache=False, **settings):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from la import precision, tausweep
+from la import hardware, runtime, tausweep
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_eval_matches_the_last_training_epoch(two_runs, fake_root):
     assert out.stdout.count("95 % interval") == 4 and "validation split (20 images" in out.stdout
 
 
-@pytest.mark.skipif(precision.cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(hardware.cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, tmp_path):
     """train.compile=true (the CPU default under 'auto'): the one compiled run of the suite, so it checks a lot."""
     out = tmp_path / "compiled"
@@ -105,11 +105,11 @@ def test_compiled_run_saves_the_plain_module_and_eval_reproduces_it(fake_root, t
 def test_compile_auto_is_on_for_cpus_with_a_cxx_compiler_and_off_on_cuda(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setenv("CXX", sys.executable)  # any executable will do for the lookup
-    assert precision.resolve_compile("auto", cpu) is True
-    assert precision.resolve_compile("auto", cuda) is False
-    assert precision.resolve_compile("true", cuda) is True and precision.resolve_compile("false", cpu) is False
+    assert runtime.resolve_compile("auto", cpu) is True
+    assert runtime.resolve_compile("auto", cuda) is False
+    assert runtime.resolve_compile("true", cuda) is True and runtime.resolve_compile("false", cpu) is False
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert precision.resolve_compile("auto", cpu) is False  # no compiler: train uncompiled rather than fail
+    assert runtime.resolve_compile("auto", cpu) is False  # no compiler: train uncompiled rather than fail
 
 
 def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):

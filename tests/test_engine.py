@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from la import UserError, engine, losses, precision
+from la import UserError, engine, losses, runtime
 
 
 def tiny_model():
@@ -67,14 +67,14 @@ def test_a_graphed_run_checkpoint_resumes_as_a_plain_one():
 
 def test_cuda_graph_auto_is_on_only_for_one_uncompiled_cuda_process():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert precision.resolve_cuda_graph("auto", cuda, 1, compiled=False) is True
-    assert precision.resolve_cuda_graph("auto", cpu, 1, compiled=False) is False
-    assert precision.resolve_cuda_graph("auto", cuda, 2, compiled=False) is False
-    assert precision.resolve_cuda_graph("auto", cuda, 1, compiled=True) is False
-    assert precision.resolve_cuda_graph("false", cuda, 1, compiled=False) is False
+    assert runtime.resolve_cuda_graph("auto", cuda, 1, compiled=False) is True
+    assert runtime.resolve_cuda_graph("auto", cpu, 1, compiled=False) is False
+    assert runtime.resolve_cuda_graph("auto", cuda, 2, compiled=False) is False
+    assert runtime.resolve_cuda_graph("auto", cuda, 1, compiled=True) is False
+    assert runtime.resolve_cuda_graph("false", cuda, 1, compiled=False) is False
     for world, compiled, why in ((2, False, "torchrun"), (1, True, "train.compile")):
         with pytest.raises(UserError, match=why):
-            precision.resolve_cuda_graph("true", cuda, world, compiled)
+            runtime.resolve_cuda_graph("true", cuda, world, compiled)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="recording a CUDA graph needs a GPU")

@@ -22,7 +22,7 @@ import torch
 
 import train
 from conftest import PROTOCOL, REPO, TINY, Payload, run, write_fake_cifar
-from la import checkpoint, config, data, dist, engine, models
+from la import checkpoint, config, data, dist, engine, models, runtime
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -111,7 +111,8 @@ def evaluate_checkpoint(ckpt_path, data_root, ctx=dist.Context(0, 0, 1, torch.de
     model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
     model.load_state_dict(ckpt["model"])
     model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
-    return {name: engine.evaluate(model, x, y, splits.counts, ctx, "fp32", cfg.train.channels_last, 64)
+    rt = runtime.Runtime(ctx.device, "fp32", channels_last=cfg.train.channels_last)
+    return {name: engine.evaluate(model, x, y, splits.counts, ctx, rt, 64)
             for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y))}
 
 
