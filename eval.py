@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from la import (UserError, run_cli, checkpoint, config, data, dist, engine, losses, metrics, models, provenance, runtime,
+from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, losses, metrics, provenance, runtime,
                 tausweep)
 
 ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
@@ -115,14 +115,11 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
-    model = models.from_config(cfg, data.num_classes(cfg.data.dataset), training=False)
+    model = build.model(cfg, data.num_classes(cfg.data.dataset), ctx.device, training=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt_path} does not fit a {cfg.model.name}: {str(e).splitlines()[0]}")
-    model = model.to(ctx.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     rt = runtime.for_evaluation(cfg.train, ckpt.get("runtime"), ctx.device)
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):

@@ -8,20 +8,16 @@ Reads top to bottom: config -> distributed set-up -> data, model, optimizer -> e
 """
 import json
 import os
-import random
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from la import UserError, run_cli, autotune, checkpoint, config, data, dist, engine, losses, models, provenance, runtime as rt
+from la import UserError, run_cli, build, checkpoint, config, data, dist, engine, models, provenance
 
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
@@ -39,14 +35,6 @@ def parse_args(argv):
     parser.add_argument("--overwrite", action="store_true", help="replace a finished or started run in --out")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     return parser.parse_args(argv)
-
-
-def lr_factor(step, steps_per_epoch, optim):
-    """Linear warm-up over warmup_epochs (per step), then x gamma at each milestone epoch."""
-    epoch = step // steps_per_epoch
-    if epoch < optim.warmup_epochs:
-        return (step + 1) / (optim.warmup_epochs * steps_per_epoch)
-    return optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
 def prepare_run_dir(run_dir, resume, overwrite):
@@ -73,24 +61,6 @@ def check_resumable(cfg, saved, epochs_begun):
         k = changed[0]
         raise UserError(f"checkpoint was trained with {k}={then.get(k)!r} but {now[k]!r} was asked for; "
                         f"resume with the run's own settings")
-
-
-def rng_state():
-    """Every RNG's state as tensors and plain data, which torch.load(weights_only=True) reads back: numpy's
-    uint32 key as a list of ints (np.random.set_state takes either)."""
-    kind, key, *rest = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (kind, key.tolist(), *rest), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StopFlag:
@@ -152,78 +122,41 @@ def train(cfg, args, ctx):
     # ---- data: every rank builds the same subset; the hashes prove it
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
-    # a cuda_graph=true that cannot work is refused now, before the run directory is touched
-    rt.resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, rt.resolve_compile(tc.compile, ctx.device))
     loader = data.make_loader(cfg, splits, ctx)
     steps_per_epoch = loader.steps(0)
     if steps_per_epoch == 0:
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
-    # ---- model, loss, optimizer
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    n_classes = data.num_classes(cfg.data.dataset)
-    model = models.from_config(cfg, n_classes).to(ctx.device)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = losses.from_config(cfg.loss, splits.counts, ctx.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
-
-    start_epoch, start_step, partial, saved_runtime = 0, 0, torch.zeros(3, dtype=torch.float64), None
+    # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
+    ckpt, start_epoch, start_step, partial = None, 0, 0, torch.zeros(3, dtype=torch.float64)
     if args.resume:
         ckpt = checkpoint.load(run_dir / "checkpoint.pt")
         check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
         if ckpt.get("split_manifest") != splits.manifest:
             raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
         start_epoch, start_step = ckpt["epoch"], ckpt["step"]
-        saved_runtime = ckpt.get("runtime") or {  # checkpoints from before la.autotune: the static rules
-            "precision": rt.resolve_precision(ckpt["config"]["train"]["precision"], ctx.device),
-            "compile": rt.resolve_compile(ckpt["config"]["train"]["compile"], ctx.device)}
         if start_epoch > tc.epochs or (start_epoch == tc.epochs and start_step):
             raise UserError(f"{run_dir} has trained {start_epoch} epochs, more than the {tc.epochs} asked for")
         partial = ckpt["partial"] if ctx.is_main else partial
-        if ctx.is_main:  # drop metric lines written after the checkpoint (a kill between the two writes)
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-            kept = [l for l in lines if json.loads(l)["epoch"] <= start_epoch]
-            (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
         say(f"resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}")
+    t = build.training(cfg, ctx, splits.counts, loader, ckpt)
+    runtime, model, raw_model, criterion, optimizer, scheduler, train_step = (
+        t.runtime, t.model, t.raw_model, t.criterion, t.optimizer, t.scheduler, t.step)
     if ctx.is_main:  # only now that everything is set up: a start that fails leaves the old run whole
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in replaced:
             (run_dir / f).unlink()
         for tmp in run_dir.glob(".checkpoint.pt.*.tmp"):  # left by a save that was killed
             tmp.unlink()
+        if args.resume:  # drop metric lines written after the checkpoint (a kill between the two writes)
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+            kept = [l for l in lines if json.loads(l)["epoch"] <= start_epoch]
+            (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
         (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
         update_latest(run_dir)
-
-    raw_model = model
-    if ctx.distributed:
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-
-    def compile_model():
-        if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
-            torch._dynamo.config.suppress_errors = True
-        # static shapes: one graph at the first step, one more for the short last batch; a dynamic-shape graph
-        # (what torch.compile makes after a second batch size) ran 7 % slower here
-        return torch.compile(model, mode=tc.compile_mode, dynamic=False)
-
-    probe = autotune.Probe(model, raw_model, optimizer, lambda: next(loader.batches(0)), lambda m, prec: engine.make_train_step(
-        m, criterion, optimizer, rt.Runtime(ctx.device, prec), tc.batch_size))
-    steps_left = (tc.epochs - start_epoch) * steps_per_epoch - start_step
-    runtime, compiled = autotune.choose(tc, cfg.model, ctx, probe, compile_model, steps_left, saved_runtime)
-    model = model if compiled is None else compiled
-    if ctx.is_main:
         (run_dir / "runtime.json").write_text(json.dumps(runtime.to_dict(), indent=1) + "\n")
         provenance.record(run_dir, ctx.device, runtime.precision, (start_epoch, start_step) if args.resume else None)
-    train_step = engine.make_train_step(model, criterion, optimizer, runtime, tc.batch_size)
 
     say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
         f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
@@ -240,7 +173,7 @@ def train(cfg, args, ctx):
     check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags
     save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "step": step, "partial": partial_sums, "rng": rng_state(), "runtime": runtime.to_dict(),
+        "epoch": epoch, "step": step, "partial": partial_sums, "rng": checkpoint.rng_state(), "runtime": runtime.to_dict(),
         "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
     }, run_dir / "checkpoint.pt")
 

@@ -6,6 +6,7 @@ torch.load(weights_only=True): loading a file someone sent never runs code from 
 import hashlib
 import os
 import pickle
+import random
 import re
 import tempfile
 from pathlib import Path
@@ -74,6 +75,24 @@ def load(path, map_location="cpu"):
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(sorted(missing))}; is it from this repository?")
     return ckpt
+
+
+def rng_state():
+    """Every RNG's state as tensors and plain data, which torch.load(weights_only=True) reads back: numpy's
+    uint32 key as a list of ints (np.random.set_state takes either)."""
+    kind, key, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, key.tolist(), *rest), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def progress(ckpt):

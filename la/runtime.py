@@ -88,3 +88,11 @@ def for_evaluation(train_cfg, saved, device):
     auto = train_cfg.precision == "auto" and same_device
     prec = saved["precision"] if auto else resolve_precision(train_cfg.precision, device)
     return Runtime(device, prec, channels_last=train_cfg.channels_last)
+
+
+def recorded_runtime(ckpt, device):
+    """The runtime dict a checkpoint records, for a resumed run to keep; for checkpoints from before la.autotune,
+    what the static rules gave its settings."""
+    train_cfg = ckpt["config"]["train"]
+    return ckpt.get("runtime") or {"precision": resolve_precision(train_cfg["precision"], device),
+                                   "compile": resolve_compile(train_cfg["compile"], device)}

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from conftest import PROTOCOL, REPO, TINY, Payload, run, write_fake_cifar
-from la import checkpoint, config, data, dist, engine, models, runtime
+from la import build, checkpoint, config, data, dist, engine, runtime
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -108,9 +107,8 @@ def evaluate_checkpoint(ckpt_path, data_root, ctx=dist.Context(0, 0, 1, torch.de
     cfg = config.from_dict(ckpt["config"])
     cfg.data.root = str(data_root)
     splits = data.prepare(cfg.data)
-    model = models.build(cfg.model.name, data.num_classes(cfg.data.dataset))
+    model = build.model(cfg, data.num_classes(cfg.data.dataset), ctx.device, training=False)
     model.load_state_dict(ckpt["model"])
-    model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
     rt = runtime.Runtime(ctx.device, "fp32", channels_last=cfg.train.channels_last)
     return {name: engine.evaluate(model, x, y, splits.counts, ctx, rt, 64)
             for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y))}
@@ -668,16 +666,16 @@ def test_rng_states_are_plain_data_and_restore_every_generator():
     torch.manual_seed(3)
     np.random.randn()  # numpy draws normals in pairs: the state now caches the second one
     buffer = io.BytesIO()
-    torch.save(train.rng_state(), buffer)
+    torch.save(checkpoint.rng_state(), buffer)
     expected = draws()
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     assert isinstance(state["numpy"][1], list)
-    train.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert draws() == expected
     # the form older checkpoints hold: numpy's key as a uint32 array
     state["numpy"] = (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
-    train.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert draws() == expected
 
 

@@ -1,0 +1,91 @@
+"""The training objects of a recipe, built in one order by train.py, eval.py, scripts/bench.py and the tests:
+
+    model -> device -> memory format -> optimizer and schedule -> resumed state -> DDP
+          -> runtime (precision, compile, CUDA graph: la.autotune.choose) -> training step
+
+so that a fix made here (compiling with static shapes, batch-norm groups, the cosine classifier) reaches every
+caller at once.
+"""
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from la import autotune, checkpoint, engine, losses, models
+from la.runtime import Runtime, recorded_runtime
+
+
+def lr_factor(step, steps_per_epoch, optim):
+    """Linear warm-up over warmup_epochs (per step), then x gamma at each milestone epoch."""
+    epoch = step // steps_per_epoch
+    if epoch < optim.warmup_epochs:
+        return (step + 1) / (optim.warmup_epochs * steps_per_epoch)
+    return optim.gamma ** sum(epoch >= m for m in optim.milestones)
+
+
+def model(cfg, n_classes, device, training=True):
+    """The recipe's network on the device, in the memory format it trains in (train.channels_last); batch-norm
+    groups (model.bn_batch) only for training."""
+    net = models.from_config(cfg, n_classes, training).to(device)
+    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
+
+
+def optimizer(cfg, net):
+    o = cfg.optim
+    return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov)
+
+
+def compiled(net, tc):
+    """torch.compile with static shapes: one graph at the first step, one more for an epoch's short last batch; a
+    dynamic-shape graph (what torch.compile makes after a second batch size) ran 7 % slower here."""
+    if tc.compile == "auto":  # chosen for the user: if compiling fails, train uncompiled rather than stop
+        torch._dynamo.config.suppress_errors = True
+    return torch.compile(net, mode=tc.compile_mode, dynamic=False)
+
+
+@dataclass
+class Training:
+    """Everything the training loop touches."""
+    model: torch.nn.Module       # what the step calls: wrapped by DDP and/or compiled
+    raw_model: torch.nn.Module   # the plain module: checkpoints and evaluation
+    criterion: losses.Criterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
+    step: Callable               # (x, y) -> (loss, logits), detached
+
+
+def training(cfg, ctx, counts, loader, ckpt=None):
+    """The Training of a recipe on this process's device, seeded by train.seed. ckpt: a checkpoint being resumed;
+    its weights, optimizer, schedule and RNG states are loaded before the runtime is chosen (la.autotune times
+    steps on these very objects and puts them back), and the run keeps the runtime it started with."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    raw = model(cfg, len(counts), ctx.device)
+    criterion = losses.from_config(cfg.loss, counts, ctx.device)
+    opt = optimizer(cfg, raw)
+    steps_per_epoch = loader.steps(0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
+    start, saved = (0, 0), None
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        start, saved = (ckpt["epoch"], ckpt["step"]), recorded_runtime(ckpt, ctx.device)
+    net = DDP(raw, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else raw
+
+    def step_for(m, prec):  # an eager step at a candidate precision, for la.autotune to time
+        return engine.make_train_step(m, criterion, opt, Runtime(ctx.device, prec), tc.batch_size)
+
+    probe = autotune.Probe(net, raw, opt, lambda: next(loader.batches(0)), step_for)
+    steps_left = (tc.epochs - start[0]) * steps_per_epoch - start[1]
+    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved)
+    net = net if compiled_net is None else compiled_net
+    return Training(net, raw, criterion, opt, scheduler, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))
