@@ -7,15 +7,13 @@
 
 Logits are computed once per checkpoint and cached in the run directory (logits.pt).
 """
-import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, losses, metrics, provenance, runtime,
-                tausweep)
+from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, losses, metrics, provenance, rundir,
+                runtime, tausweep)
 
 ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
                  ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
@@ -53,22 +51,6 @@ def parse_args(argv):
     if args.tau < 0 and not args.allow_negative_tau:
         raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
     return args
-
-
-def resolve(path):
-    """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path). A run kept
-    without its checkpoint but with its logits cache (as results/ keeps most) gives (run_dir, None)."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "checkpoint.pt").is_file():
-            return path.resolve(), path.resolve() / "checkpoint.pt"
-        if (path / "logits.pt").is_file():
-            return path.resolve(), None
-        raise UserError(f"{path} holds no checkpoint.pt (has its first epoch finished?)")
-    if path.is_file():
-        return path.resolve().parent, path.resolve()
-    hint = "; train one first (python train.py)" if path.name == "latest" else ""
-    raise UserError(f"no run at {path}{hint}")
 
 
 def check_prior(counts, run_dir, args):
@@ -149,7 +131,7 @@ def print_table(title, columns, counts=None, rows=ROWS):
         print(f"{name:22s}" + "".join(f"{fmt(columns[l][key]):>{width}s}" for l in labels))
     if counts is None:
         return
-    print(f"per-class accuracy (class: train images)")
+    print("per-class accuracy (class: train images)")
     for c, n in enumerate(counts):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
 
@@ -187,7 +169,7 @@ def tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state):
 
 
 def evaluate_run(path, args, ctx):
-    run_dir, ckpt_path = resolve(path)
+    run_dir, ckpt_path = rundir.resolve(path)
     entry = load_logits(run_dir, ckpt_path, args, ctx)
     splits, counts, cfg_dict, state = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_state"]
     loss_name = cfg_dict["loss"]["name"]
@@ -207,24 +189,8 @@ def evaluate_run(path, args, ctx):
             report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau)
     if args.tau_sweep:
         report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state)
-    save_report(run_dir / "eval.json", report)
+    rundir.save_report(run_dir, report)
     return report
-
-
-def save_report(path, report):
-    """Add to an earlier report of the same checkpoint (a plain evaluation keeps an earlier tau sweep)."""
-    merged = report
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("checkpoint_sha256") == report["checkpoint_sha256"]:
-            merged = {**old, **report}
-            for split in ("val", "test"):
-                if split in old and split in report:
-                    merged[split] = {**old[split], **report[split]}
-    path.write_text(json.dumps(merged, indent=1) + "\n")
 
 
 def main(argv):

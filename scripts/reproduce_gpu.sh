@@ -77,8 +77,7 @@ echo "== 4. evaluation"
 for dir in "$OUT"/*/; do
     dir=${dir%/}
     # only finished runs: a run stopped by TIME_LIMIT has a checkpoint but fewer metric lines than epochs
-    [[ -f $dir/checkpoint.pt && $(grep -c . "$dir/metrics.jsonl") == $(grep -m1 "^  epochs:" "$dir/config.yaml" | tr -dc 0-9) ]] \
-        || continue
+    [[ -f $dir/checkpoint.pt ]] && PYTHONPATH="$REPO" "$PYTHON" -m la.rundir finished "$dir" || continue
     flags=("${root[@]}")
     [[ $dir == *_ce_* ]] && flags+=(--posthoc --tau 1 --tau-sweep)
     echo "-- $dir"

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # la.plots, whichever directory this is run from
-from la import plots, provenance  # noqa: E402
+from la import plots, provenance, rundir  # noqa: E402
 
 # (row, the run's loss, the eval.json section holding its result)
 METHODS = (("Baseline", "ce", "raw"), ("Post-hoc adjustment", "ce", "posthoc"), ("Loss adjustment", "la", "raw"))
@@ -70,14 +69,7 @@ def published(dataset, method, rho):
 def finished(run_dir, report):
     """eval.json's `finished`; for an eval.json from before it was recorded, whether metrics.jsonl reached
     config.yaml's epochs; None when neither tells."""
-    if "finished" in report:
-        return bool(report["finished"])
-    try:
-        epochs = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"]
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
-    return last >= epochs
+    return bool(report["finished"]) if "finished" in report else rundir.finished(run_dir)
 
 
 def read_top1(run_dir, loss, section):
@@ -138,10 +130,9 @@ def trained_epochs(runs, rhos, seeds):
     for rho in rhos:
         for seed in seeds:
             for loss in ("ce", "la"):
-                metrics = runs / f"rho{rho}_{loss}_s{seed}" / "metrics.jsonl"
-                lines = metrics.read_text().splitlines() if metrics.is_file() else []
-                if lines:
-                    epochs.add(json.loads(lines[-1])["epoch"])
+                records = rundir.read_metrics(runs / f"rho{rho}_{loss}_s{seed}")
+                if records:
+                    epochs.add(records[-1]["epoch"])
     if not epochs:
         return "unknown"
     return str(epochs.pop()) if len(epochs) == 1 else f"{min(epochs)} to {max(epochs)} (the runs differ!)"

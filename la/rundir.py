@@ -1,0 +1,175 @@
+"""The run directory, and the module that owns its layout. train.py, eval.py and the scripts read and write it
+through these functions (but for eval.py's logits cache, which eval.py keeps itself):
+
+    config.yaml      the resolved recipe              split.json       the data split's manifest
+    runtime.json     precision, compile, CUDA graph   provenance.json  one entry per session (la.provenance)
+    metrics.jsonl    one JSON line per epoch          checkpoint.pt    weights, optimizer, schedule, position, RNGs
+    eval.json        eval.py's report                 logits.pt        eval.py's logits cache
+
+and runs/latest, under the working directory, pointing at the newest run.
+
+    python -m la.rundir finished RUN     # exit 0 when RUN's metrics reached its recipe's epochs (for scripts)
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from la import UserError, checkpoint, config, provenance
+
+FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
+         "logits.pt")
+# Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
+RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
+                     "train.save_every", "train.eval_batch_size", "train.compile",
+                     "train.compile_mode", "train.cuda_graph", "train.out"}
+DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
+
+
+# ---------------------------------------------------------------- starting and resuming
+
+def check_start(run_dir, resume, overwrite):
+    """Refuse to start over an existing run by accident; return the files --overwrite will replace."""
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+        return []
+    taken = [f for f in FILES if (run_dir / f).exists()]
+    if taken and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue it or --overwrite to replace it")
+    return taken
+
+
+def check_resumable(cfg, saved, epochs_begun):
+    """The resumed run must learn the same thing it started learning. Deferred re-weighting may be switched on or
+    off, or moved, while the checkpoint (with `epochs_begun` epochs begun) predates it under both settings: nothing
+    trained so far depended on it. That is how LDAM and LDAM-DRW share their first 160 epochs."""
+    now, then = dict(config.flatten(config.to_dict(cfg))), dict(config.flatten(config.to_dict(config.from_dict(saved))))
+    drw_start = lambda c: c["loss.drw_epoch"] if c["loss.drw"] else float("inf")
+    free = RESUMABLE_CHANGES | (DRW_KEYS if epochs_begun <= min(drw_start(now), drw_start(then)) else set())
+    changed = sorted(k for k in now if now[k] != then[k] and k not in free)
+    if changed:
+        k = changed[0]
+        raise UserError(f"checkpoint was trained with {k}={then.get(k)!r} but {now[k]!r} was asked for; "
+                        f"resume with the run's own settings")
+
+
+def load_resumable(run_dir, cfg, splits):
+    """The checkpoint --resume continues, checked: the same recipe (but for RESUMABLE_CHANGES), the same data
+    split, and not past the epochs asked for."""
+    ckpt = checkpoint.load(run_dir / "checkpoint.pt")
+    check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
+    if ckpt.get("split_manifest") != splits.manifest:
+        raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
+    epochs = cfg.train.epochs
+    if ckpt["epoch"] > epochs or (ckpt["epoch"] == epochs and ckpt["step"]):
+        raise UserError(f"{run_dir} has trained {ckpt['epoch']} epochs, more than the {epochs} asked for")
+    return ckpt
+
+
+def start(run_dir, cfg, splits, rt, replaced, resumed_at=None):
+    """Write a starting (or resumed, at (epoch, step)) run's files: rank 0, once everything is set up, so that a
+    start that fails leaves the old run whole."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in replaced:
+        (run_dir / f).unlink()
+    for tmp in run_dir.glob(".checkpoint.pt.*.tmp"):  # left by a save that was killed
+        tmp.unlink()
+    if resumed_at is not None:  # drop metric lines written after the checkpoint (a kill between the two writes)
+        write_metrics(run_dir, [m for m in read_metrics(run_dir) if m["epoch"] <= resumed_at[0]])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
+    update_latest(run_dir)
+    (run_dir / "runtime.json").write_text(json.dumps(rt.to_dict(), indent=1) + "\n")
+    provenance.record(run_dir, rt.device, rt.precision, resumed_at)
+
+
+def update_latest(run_dir):
+    """Point runs/latest (under the working directory, where eval.py looks) at this run."""
+    runs = Path("runs")
+    runs.mkdir(exist_ok=True)
+    target = os.path.relpath(run_dir.resolve(), runs.resolve())
+    tmp = runs / f".latest.{os.getpid()}.tmp"  # per process: runs started side by side must not collide
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target if not target.startswith("..") else run_dir.resolve())
+    os.replace(tmp, runs / "latest")
+
+
+# ---------------------------------------------------------------- during training
+
+def save_checkpoint(run_dir, t, cfg, splits, epoch, step, partial):
+    """The checkpoint of a la.build.Training at (epoch, step): a plain dict of tensors and plain data (see
+    la.checkpoint), with the epoch's running sums so far (partial) when it stops mid-epoch."""
+    checkpoint.save_atomic({
+        "model": t.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+        "epoch": epoch, "step": step, "partial": partial, "rng": checkpoint.rng_state(), "runtime": t.runtime.to_dict(),
+        "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
+    }, run_dir / "checkpoint.pt")
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_metrics(run_dir, records):
+    (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_metrics(run_dir, record):
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def finished(run_dir):
+    """Whether metrics.jsonl reached config.yaml's train.epochs; None when either is missing or unreadable."""
+    try:
+        epochs = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["train"]["epochs"]
+        last = read_metrics(run_dir)[-1]["epoch"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return last >= epochs
+
+
+# ---------------------------------------------------------------- evaluation
+
+def resolve(path):
+    """A run directory (or the runs/latest link) or a checkpoint file -> (run_dir, checkpoint path). A run kept
+    without its checkpoint but with its logits cache (as results/ keeps most) gives (run_dir, None)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "checkpoint.pt").is_file():
+            return path.resolve(), path.resolve() / "checkpoint.pt"
+        if (path / "logits.pt").is_file():
+            return path.resolve(), None
+        raise UserError(f"{path} holds no checkpoint.pt (has its first epoch finished?)")
+    if path.is_file():
+        return path.resolve().parent, path.resolve()
+    hint = "; train one first (python train.py)" if path.name == "latest" else ""
+    raise UserError(f"no run at {path}{hint}")
+
+
+def save_report(run_dir, report):
+    """Write eval.json, adding to an earlier report of the same checkpoint (a plain evaluation keeps an earlier
+    tau sweep)."""
+    path, merged = Path(run_dir) / "eval.json", report
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("checkpoint_sha256") == report["checkpoint_sha256"]:
+            merged = {**old, **report}
+            for split in ("val", "test"):
+                if split in old and split in report:
+                    merged[split] = {**old[split], **report[split]}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["finished"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m la.rundir finished RUN")
+    sys.exit(0 if finished(sys.argv[2]) else 1)
