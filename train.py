@@ -1,12 +1,13 @@
-"""Train a ResNet on long-tailed CIFAR with cross-entropy (--loss ce) or the logit-adjusted loss (--loss la).
+"""Train a ResNet on long-tailed CIFAR with cross-entropy (--loss ce), the logit-adjusted loss (--loss la) or LDAM
+(--loss ldam, with --drw its deferred re-weighting).
 
     python train.py --loss la --rho 100
     torchrun --nproc_per_node=2 train.py --loss la --rho 100
     python train.py --out runs/my_run --resume        # continue an interrupted run
 
-Reads top to bottom: config -> distributed set-up -> data, model, optimizer -> epochs -> checkpoint.
+Reads top to bottom: config -> distributed set-up -> data -> model, optimizer, runtime (la.build) -> epochs
+(la.engine.train_epoch) -> metrics and checkpoint (la.rundir).
 """
-import json
 import os
 import signal
 import sys
@@ -14,18 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from la import UserError, run_cli, build, checkpoint, config, data, dist, engine, models, provenance
-
-# Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
-RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
-                     "train.save_every", "train.eval_batch_size", "train.compile",
-                     "train.compile_mode", "train.cuda_graph", "train.out"}
-DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
-             "logits.pt")
+from la import UserError, run_cli, build, config, data, dist, engine, models, rundir
 
 
 def parse_args(argv):
@@ -34,69 +26,10 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished or started run in --out")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    return parser.parse_args(argv)
-
-
-def prepare_run_dir(run_dir, resume, overwrite):
-    """Refuse to start over an existing run by accident; return the files --overwrite will replace."""
-    if resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise UserError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
-        return []
-    taken = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if taken and not overwrite:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue it or --overwrite to replace it")
-    return taken
-
-
-def check_resumable(cfg, saved, epochs_begun):
-    """The resumed run must learn the same thing it started learning. Deferred re-weighting may be switched on or
-    off, or moved, while the checkpoint (with `epochs_begun` epochs begun) predates it under both settings: nothing
-    trained so far depended on it. That is how LDAM and LDAM-DRW share their first 160 epochs."""
-    now, then = dict(config.flatten(config.to_dict(cfg))), dict(config.flatten(config.to_dict(config.from_dict(saved))))
-    drw_start = lambda c: c["loss.drw_epoch"] if c["loss.drw"] else float("inf")
-    free = RESUMABLE_CHANGES | (DRW_KEYS if epochs_begun <= min(drw_start(now), drw_start(then)) else set())
-    changed = sorted(k for k in now if now[k] != then[k] and k not in free)
-    if changed:
-        k = changed[0]
-        raise UserError(f"checkpoint was trained with {k}={then.get(k)!r} but {now[k]!r} was asked for; "
-                        f"resume with the run's own settings")
-
-
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit; a second one kills at once."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-
-
-def launcher():
-    """How this process was started, for the resume hint: the same world size gives the same run."""
-    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if world == 1:
-        return ["python"]
-    nodes = [f"--nnodes={world // local}", "<your rendezvous flags>"] if world > local else []
-    return ["torchrun"] + nodes + [f"--nproc_per_node={local}"]
-
-
-def update_latest(run_dir):
-    """Point runs/latest (under the working directory, where eval.py looks) at this run."""
-    runs = Path("runs")
-    runs.mkdir(exist_ok=True)
-    target = os.path.relpath(run_dir.resolve(), runs.resolve())
-    tmp = runs / f".latest.{os.getpid()}.tmp"  # per process: runs started side by side must not collide
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(target if not target.startswith("..") else run_dir.resolve())
-    os.replace(tmp, runs / "latest")
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    return args
 
 
 def main(argv):
@@ -116,126 +49,89 @@ def train(cfg, args, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     tc = cfg.train
     run_dir = Path(tc.out) if tc.out else config.default_run_dir(cfg)
-    replaced = prepare_run_dir(run_dir, args.resume, args.overwrite)
+    replaced = rundir.check_start(run_dir, args.resume, args.overwrite)
     dist.barrier()
 
     # ---- data: every rank builds the same subset; the hashes prove it
     splits = data.prepare(cfg.data)
     dist.check_same(splits.manifest, "split manifest")
     loader = data.make_loader(cfg, splits, ctx)
-    steps_per_epoch = loader.steps(0)
-    if steps_per_epoch == 0:
+    if loader.steps(0) == 0:
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
     # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
-    ckpt, start_epoch, start_step, partial = None, 0, 0, torch.zeros(3, dtype=torch.float64)
-    if args.resume:
-        ckpt = checkpoint.load(run_dir / "checkpoint.pt")
-        check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
-        if ckpt.get("split_manifest") != splits.manifest:
-            raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
-        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
-        if start_epoch > tc.epochs or (start_epoch == tc.epochs and start_step):
-            raise UserError(f"{run_dir} has trained {start_epoch} epochs, more than the {tc.epochs} asked for")
-        partial = ckpt["partial"] if ctx.is_main else partial
-        say(f"resuming {run_dir} at epoch {start_epoch + 1}, step {start_step}")
+    ckpt = rundir.load_resumable(run_dir, cfg, splits) if args.resume else None
+    start = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+    if ckpt:
+        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}")
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
-    runtime, model, raw_model, criterion, optimizer, scheduler, train_step = (
-        t.runtime, t.model, t.raw_model, t.criterion, t.optimizer, t.scheduler, t.step)
-    if ctx.is_main:  # only now that everything is set up: a start that fails leaves the old run whole
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in replaced:
-            (run_dir / f).unlink()
-        for tmp in run_dir.glob(".checkpoint.pt.*.tmp"):  # left by a save that was killed
-            tmp.unlink()
-        if args.resume:  # drop metric lines written after the checkpoint (a kill between the two writes)
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-            kept = [l for l in lines if json.loads(l)["epoch"] <= start_epoch]
-            (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
-        (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
-        update_latest(run_dir)
-        (run_dir / "runtime.json").write_text(json.dumps(runtime.to_dict(), indent=1) + "\n")
-        provenance.record(run_dir, ctx.device, runtime.precision, (start_epoch, start_step) if args.resume else None)
-
-    say(f"run {run_dir}: {cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
-        f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
-        f"({models.num_params(raw_model) / 1e6:.2f}M params{f', batch norm over {cfg.model.bn_batch} images' if cfg.model.bn_batch else ''}), "
-        f"loss={config.method_name(cfg.loss)}{f' tau={cfg.loss.tau:g}' if cfg.loss.name == 'la' else ''}"
-        f"{f' (re-weighted from epoch {cfg.loss.drw_epoch + 1})' if cfg.loss.drw else ''}; {ctx.world_size} x {ctx.device.type}, "
-        f"{runtime.describe()}, {cfg.data.loader} loader, global batch {tc.batch_size}")
-
+    if ctx.is_main:
+        rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)
+    say(f"run {run_dir}: {describe(cfg, splits, t, ctx)}")
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
     if late:  # a shortened run (--epochs 20) keeps the recipe's milestones unless told otherwise
         say(f"note: optim.milestones {late} are not before train.epochs={tc.epochs}, so those learning-rate "
             f"decays never happen; to shorten the schedule too, pass --set optim.milestones=[...]")
-    stop = StopFlag()
-    check_every = 1 if ctx.device.type == "cpu" else 32  # steps between checks of the stop and non-finite flags
-    save = lambda epoch, step, partial_sums: ctx.is_main and checkpoint.save_atomic({
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "step": step, "partial": partial_sums, "rng": checkpoint.rng_state(), "runtime": runtime.to_dict(),
-        "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
-    }, run_dir / "checkpoint.pt")
+    partial = ckpt["partial"] if ckpt and ctx.is_main else None  # rank 0 carries the interrupted epoch's sums
+    return train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args)
 
+
+def describe(cfg, splits, t, ctx):
+    """The start-up line: data, model, loss, processes and runtime."""
+    bn = f", batch norm over {cfg.model.bn_batch} images" if cfg.model.bn_batch else ""
+    tau = f" tau={cfg.loss.tau:g}" if cfg.loss.name == "la" else ""
+    drw = f" (re-weighted from epoch {cfg.loss.drw_epoch + 1})" if cfg.loss.drw else ""
+    return (f"{cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
+            f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
+            f"({models.num_params(t.raw_model) / 1e6:.2f}M params{bn}), loss={config.method_name(cfg.loss)}{tau}{drw}; "
+            f"{ctx.world_size} x {ctx.device.type}, {t.runtime.describe()}, {cfg.data.loader} loader, "
+            f"global batch {cfg.train.batch_size}")
+
+
+def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
+    tc, (start_epoch, step) = cfg.train, start
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    save = lambda epoch, step, sums: ctx.is_main and rundir.save_checkpoint(run_dir, t, cfg, splits, epoch, step, sums)
+    stop = engine.StopFlag()
     for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        criterion.set_epoch(epoch)
-        t0 = time.perf_counter()
-        sums = partial.to(ctx.device)  # [loss * n, correct, n] over this rank's images
-        resumed_images = float(partial[2])  # trained before an interruption: not part of this process's speed
-        one = torch.ones((), dtype=torch.float64, device=ctx.device)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{tc.epochs}",
+        t.model.train()
+        t.criterion.set_epoch(epoch)
+        t0, meter = time.perf_counter(), engine.Meter(ctx.device, partial)
+        resumed_images = float(meter.sums[2])  # trained before an interruption: not part of this process's speed
+        bar = tqdm(total=loader.steps(epoch), initial=step, desc=f"epoch {epoch + 1}/{tc.epochs}",
                    disable=(not ctx.is_main) or None, leave=False)
-        for step, (x, y) in enumerate(loader.batches(epoch, start_step), start=start_step):
-            loss, logits = train_step(x, y)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            scheduler.step()
-            with torch.no_grad():
-                sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), one * len(y)])
-                nonfinite |= ~torch.isfinite(loss)
-            bar.update()
-            if (step + 1) % check_every and step + 1 < steps_per_epoch:
-                continue  # reading device values stalls a GPU's queue, so only every check_every steps there
-            flags = torch.stack([one * (stop.signum is not None), nonfinite.double()])
-            if ctx.distributed:
-                dist.all_reduce_sum(flags)
-            if flags[1] > 0:
-                at = f"step {step + 1}" if check_every == 1 else f"steps {step + 2 - check_every}-{step + 1}"
-                raise UserError(f"non-finite loss at epoch {epoch + 1}, {at}; the last good checkpoint "
-                                f"({run_dir / 'checkpoint.pt'}) is kept")
-            if flags[0] > 0:
-                bar.close()
-                save(epoch, step + 1, dist.all_reduce_sum(sums).cpu())  # rank 0 carries the whole partial sum
-                dist.barrier()
-                say(f"stopped by signal at epoch {epoch + 1}, step {step + 1}; checkpoint saved. Resume with:\n"
-                    f"  {' '.join(launcher() + ['train.py'] + sys.argv[1:] + (['--resume'] if not args.resume else []))}")
-                return 128 + (stop.signum or signal.SIGTERM)
-        bar.close()
-        start_step, partial = 0, torch.zeros(3, dtype=torch.float64)
-        train_seconds = time.perf_counter() - t0
-
-        totals = dist.all_reduce_sum(sums).cpu()
-        record = {"epoch": epoch + 1, "lr": lr,
-                  "train_loss": float(totals[0] / totals[2]), "train_acc": 100 * float(totals[1] / totals[2])}
-        dist.sync_buffers(raw_model)
+        try:
+            lr, step, stopped = engine.train_epoch(t, loader.batches(epoch, step), meter, stop, step, bar)
+        except engine.NonFiniteLoss as e:
+            raise UserError(f"non-finite loss at epoch {epoch + 1}, {e}; the last good checkpoint "
+                            f"({run_dir / 'checkpoint.pt'}) is kept")
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        totals = meter.totals()
+        if stopped:
+            save(epoch, step, totals)  # rank 0 carries the whole partial sum
+            dist.barrier()
+            resume = dist.launcher() + ["train.py"] + sys.argv[1:] + ([] if args.resume else ["--resume"])
+            say(f"stopped by signal at epoch {epoch + 1}, step {step}; checkpoint saved. Resume with:\n  {' '.join(resume)}")
+            return 128 + (stop.signum or signal.SIGTERM)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[2]),
+                  "train_acc": 100 * float(totals[1] / totals[2])}
+        dist.sync_buffers(t.raw_model)
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
-            for name, x_split, y_split in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
-                if len(y_split):
-                    m = engine.evaluate(raw_model, x_split, y_split, splits.counts, ctx, runtime, tc.eval_batch_size)
-                    record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
+            record.update(engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size))
             record["eval_seconds"] = time.perf_counter() - t1
-        record.update({"seconds": train_seconds, "img_per_s": (float(totals[2]) - resumed_images) / train_seconds})
+        record.update({"seconds": seconds, "img_per_s": (float(totals[2]) - resumed_images) / seconds})
         if ctx.is_main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            shown = {k: v for k, v in record.items() if k not in ("epoch", "seconds", "eval_seconds")}
-            say(f"epoch {epoch + 1:3d}/{tc.epochs} " + " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
+            rundir.append_metrics(run_dir, record)
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                             if k not in ("epoch", "seconds", "eval_seconds"))
+            say(f"epoch {epoch + 1:3d}/{tc.epochs} {shown}", flush=True)
         if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs:
-            save(epoch + 1, 0, partial)
+            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
         dist.barrier()
+        step, partial = 0, None
     say(f"done: {run_dir}")
     return 0
 

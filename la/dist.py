@@ -83,3 +83,12 @@ def sync_buffers(module):
     if dist.is_initialized():
         for buf in module.buffers():
             dist.broadcast(buf, src=0)
+
+
+def launcher():
+    """How this process was started, for a resume hint: the same world size gives the same run."""
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        return ["python"]
+    nodes = [f"--nnodes={world // local}", "<your rendezvous flags>"] if world > local else []
+    return ["torchrun"] + nodes + [f"--nproc_per_node={local}"]

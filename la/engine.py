@@ -1,4 +1,7 @@
-"""The training step and evaluation passes, shared by train.py, eval.py and scripts/bench.py."""
+"""The training step, an epoch of them, and evaluation passes, shared by train.py, eval.py and scripts/bench.py."""
+import os
+import signal
+
 import torch
 from torch.optim.sgd import sgd
 
@@ -97,6 +100,86 @@ def make_train_step(model, criterion, optimizer, rt, batch_size):
     return lambda x, y: train_step(model, criterion, optimizer, x, y, rt.precision, rt.device)
 
 
+# ---------------------------------------------------------------- an epoch
+
+CHECK_EVERY_CUDA = 32  # steps between reads of the stop and non-finite flags on a GPU, where a read stalls the queue
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask train_epoch to finish its step and return, so the run can checkpoint and exit; a second
+    signal kills at once."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss was NaN or infinite; the message names the step (or the steps since the last check)."""
+
+
+class Meter:
+    """An epoch's running sums over this rank's images, [loss x images, correct, images], and whether any loss was
+    non-finite. They stay on the device: reading a value there stalls a GPU's queue."""
+
+    def __init__(self, device, partial=None):
+        partial = torch.zeros(3, dtype=torch.float64) if partial is None else partial
+        self.sums = partial.to(device, copy=True)
+        self.one = torch.ones((), dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def add(self, loss, logits, y):
+        self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), self.one * len(y)])
+        self.nonfinite |= ~torch.isfinite(loss)
+
+    def totals(self):
+        """The sums over every rank, on the CPU (a collective: every rank calls it)."""
+        return dist.all_reduce_sum(self.sums).cpu()
+
+
+def _stop_asked(meter, stop, first, last):
+    """Whether a stop signal reached any rank; a non-finite loss on any rank in steps first..last raises."""
+    asked = stop is not None and stop.signum is not None
+    flags = dist.all_reduce_sum(torch.stack([meter.one * asked, meter.nonfinite.double()]))
+    if flags[1] > 0:
+        raise NonFiniteLoss(f"step {last}" if first == last else f"steps {first}-{last}")
+    return bool(flags[0] > 0)
+
+
+def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
+    """Train a la.build.Training on `batches`, the epoch's from step `step` on: each step, the schedule, the running
+    sums (meter), and every few steps and after the last, whether to stop: a stop signal on any rank, or a
+    non-finite loss (NonFiniteLoss). Returns (the learning rate the last step used, steps done counted from the
+    epoch's start, whether a stop signal ended it early). scripts/bench.py times this very function."""
+    check_every = 1 if meter.sums.device.type == "cpu" else CHECK_EVERY_CUDA
+    lr, checked = None, step
+    for x, y in batches:
+        loss, logits = t.step(x, y)
+        lr = t.optimizer.param_groups[0]["lr"]  # the rate this step used
+        t.scheduler.step()
+        meter.add(loss, logits, y)
+        step += 1
+        if bar is not None:
+            bar.update()
+        if step % check_every == 0:
+            if _stop_asked(meter, stop, checked + 1, step):
+                return lr, step, True
+            checked = step
+    if step > checked and _stop_asked(meter, stop, checked + 1, step):
+        return lr, step, True
+    return lr, step, False
+
+
+# ---------------------------------------------------------------- evaluation
+
 @torch.no_grad()
 def compute_logits(model, x, rt, batch_size=1024):
     """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU."""
@@ -120,3 +203,13 @@ def evaluate(model, x, y, train_counts, ctx, rt, batch_size=1024):
         sums = metrics.accumulate(logits, torch.as_tensor(y[lo:hi]), n_classes)
     sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
     return metrics.summarize(sums, n_classes, train_counts)
+
+
+def evaluate_splits(model, splits, ctx, rt, batch_size=1024):
+    """{val,test}_{top1,balanced_acc} of the validation and test splits (a split without images is left out)."""
+    record = {}
+    for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+        if len(y):
+            m = evaluate(model, x, y, splits.counts, ctx, rt, batch_size)
+            record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
+    return record

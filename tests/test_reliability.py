@@ -539,6 +539,7 @@ CASES = [
     ("eval-planted-logits-cache", "eval", _planted_cache, "logits.pt was not loaded: it asks to import io.open"),
     ("eval-planted-data", "eval", lambda d: [d.run, *_data_copy(d, _planted_batch)], "data_batch_2 was not loaded"),
     ("existing-run", "train", lambda d: [], "already holds a run"),
+    ("resume-and-overwrite", "train", lambda d: ["--resume", "--overwrite"], "pass one of them"),
     ("resume-without-checkpoint", "train", lambda d: ["--out", d.case / "fresh", "--resume"], "no checkpoint"),
     ("resume-truncated-checkpoint", "train", lambda d: then(_truncate(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
     ("resume-corrupt-checkpoint", "train", lambda d: then(_garble(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
