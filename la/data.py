@@ -108,13 +108,12 @@ def load_cifar(root, dataset, download=False):
 # ---------------------------------------------------------------- long-tailed subset
 
 def class_counts(n_classes, n_max, rho, profile="exp"):
-    """Images per class, class 0 the head: LDAM-DRW's get_img_num_per_cls with imb_factor = 1/rho."""
-    if profile == "exp":
-        return [int(n_max * (1.0 / rho) ** (i / (n_classes - 1.0))) for i in range(n_classes)]
+    """Images per class, class 0 the head: LDAM-DRW's get_img_num_per_cls with imb_factor = 1/rho. profile is
+    'exp' or 'step' (la.config refuses any other)."""
     if profile == "step":
         head = n_classes // 2
         return [int(n_max)] * head + [int(n_max * (1.0 / rho))] * (n_classes - head)
-    raise UserError(f"unknown profile {profile!r}")
+    return [int(n_max * (1.0 / rho) ** (i / (n_classes - 1.0))) for i in range(n_classes)]
 
 
 def largest_rho(n_max):

@@ -96,8 +96,9 @@ one_run() {  # loss rho seed
     (( rc == 0 )) && evaluate "$@"
 }
 
-epochs_said=${EPOCHS:-"the recipe's"}
-echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $epochs_said epochs, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
+# plain if/else rather than a quote nested in ${EPOCHS:-...}, which issue 16 saw print a stray backslash
+if [[ -n $EPOCHS ]]; then epochs_said="$EPOCHS epochs"; else epochs_said="the recipe's epochs"; fi
+echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $epochs_said, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
 mkdir -p "$OUT"
 running=0 failed=0
 for rho in $RHOS; do
