@@ -251,7 +251,7 @@ def evaluate_run(path, args, ctx):
     run_dir, ckpt_path = resolve(path)
     entry = load_logits(run_dir, ckpt_path, args, ctx)
     splits, counts, cfg_dict, state = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_state"]
-    loss_name = cfg_dict["loss"]["name"]
+    loss_name, method = cfg_dict["loss"]["name"], config.method_name(config.from_dict(cfg_dict).loss)
     loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
     if not state["finished"]:
         print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
@@ -260,11 +260,11 @@ def evaluate_run(path, args, ctx):
         print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "
               f"tau={args.tau:g} on top shifts its logits by a total of {loss_tau + args.tau:g} x log prior")
     report = {"run": str(run_dir), "checkpoint": ckpt_path and str(ckpt_path), "checkpoint_sha256": entry["checkpoint_sha256"],
-              **state, "loss": loss_name, "loss_tau": loss_tau, "class_counts": counts,
+              **state, "loss": loss_name, "method": method, "loss_tau": loss_tau, "class_counts": counts,
               "evaluated_with": {**provenance.git_state(), "argv": list(sys.argv), "torch": str(torch.__version__)},
               "logits_computed_with": entry["computed_with"]}
     # weight normalisation needs penultimate features: asked for, or beside the sweep of a plain CE run
-    wants_wnorm = args.wnorm_tau is not None or (args.tau_sweep and config.method_name(config.from_dict(cfg_dict).loss) == "ce")
+    wants_wnorm = args.wnorm_tau is not None or (args.tau_sweep and method == "ce")
     feats = load_features(run_dir, ckpt_path, loss_name, args, ctx) if wants_wnorm else None
     for split in ("test", "val"):
         if split in splits:
@@ -272,7 +272,7 @@ def evaluate_run(path, args, ctx):
             report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau, wnorm or None)
     if args.tau_sweep:
         report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state)
-        if feats and loss_name == "ce":
+        if feats and method == "ce":
             report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
                                                          feats["fc"]["weight"], args.taus)
             print(tausweep.describe_wnorm(report["wnorm_sweep"]))

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -144,3 +145,24 @@ def test_weight_normalisation_says_why_it_cannot_be_done(fake_root, tmp_path):
     assert "has a cosine classifier" in out
     bad = run([REPO / "eval.py", ldam, "--wnorm-tau", "-1"], cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "--wnorm-tau must be a finite number >= 0" in bad.stderr
+
+
+def test_sweep_script_trains_and_tabulates_the_baselines(fake_root, tmp_path):
+    extra = "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 " \
+            "--set train.precision=fp32 --set train.compile=false --set loss.drw_epoch=0"
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), "EXTRA": extra,
+           "LOSSES": "ce wnorm ldam-drw"}
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=240)
+    assert "sweep: cifar10, ce ldam-drw, rho 10" in proc.stdout
+    config = (tmp_path / "runs" / "rho10_ldam-drw_s0" / "config.yaml").read_text()
+    assert "name: ldam" in config and "drw: true" in config
+    md = (tmp_path / "results" / "cifar10_rho_sweep.md").read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| Baseline", "| Post-hoc adjustment", "| Weight normalisation (T = 1)", "| LDAM-DRW"]
+    assert "—" not in md.split("| Baseline")[1], "every row has its run"
+    report = json.loads((tmp_path / "runs" / "rho10_ce_s0" / "eval.json").read_text())
+    assert report["method"] == "ce" and report["test"]["wnorm"]["tau"] == 1.0
+    for losses_value, message in (("ce magic", "LOSSES: unknown 'magic'"), ("la wnorm", "wnorm re-evaluates the ce runs")):
+        bad = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, check=False, env={**env, "LOSSES": losses_value})
+        assert bad.returncode == 2 and message in bad.stderr
