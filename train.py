@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs
                      "train.compile_mode", "train.cuda_graph", "train.out"}
 DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
-             "logits.pt")
+             "logits.pt", "features.pt")
 
 
 def parse_args(argv):
