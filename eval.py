@@ -3,9 +3,12 @@
     python eval.py                          # runs/latest
     python eval.py RUN --posthoc --tau 1    # argmax f(x) - tau * log(prior)
     python eval.py RUN --tau-sweep          # tau=1, tau chosen on validation by a named rule, the test-tuned oracle
+                                            # (and, for a CE run, the same for weight normalisation)
+    python eval.py RUN --wnorm-tau 1        # classifier weights w_y / ||w_y||^T (Kang et al., 2020)
     python eval.py CE_RUN LA_RUN --posthoc --plot per_class.png
 
-Logits are computed once per checkpoint and cached in the run directory (logits.pt).
+Logits are computed once per checkpoint and cached in the run directory (logits.pt), with the penultimate
+features that weight normalisation needs (features.pt).
 """
 import math
 import sys
@@ -33,6 +36,8 @@ def parse_args(argv):
                    help=f"how the sweep chooses tau on validation (default {tausweep.DEFAULT_RULE}); implies --tau-sweep")
     p.add_argument("--taus", metavar="START:STOP:STEP",
                    help="sweep grid, STOP included (default 0:3:0.05); implies --tau-sweep")
+    p.add_argument("--wnorm-tau", type=float, metavar="T",
+                   help="also report post-hoc weight normalisation: classifier weights w_y / ||w_y||^T, no bias")
     p.add_argument("--plot", metavar="PNG", help="per-class accuracy chart of all runs, head to tail")
     p.add_argument("--data-root", help="where the dataset lives if logits must be computed (default: the run's)")
     p.add_argument("--device", choices=("cpu", "cuda"))
@@ -46,6 +51,8 @@ def parse_args(argv):
     args.taus = tausweep.parse_grid(args.taus or "0:3:0.05")  # now, not after the logits are computed
     if not math.isfinite(args.tau):
         raise UserError(f"--tau must be a finite number, got {args.tau}")
+    if args.wnorm_tau is not None and not (math.isfinite(args.wnorm_tau) and args.wnorm_tau >= 0):
+        raise UserError(f"--wnorm-tau must be a finite number >= 0, got {args.wnorm_tau}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.tau < 0 and not args.allow_negative_tau:
@@ -90,6 +97,18 @@ def load_logits(run_dir, ckpt_path, args, ctx):
         if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
             cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
         return {"computed_with": None, **cached}
+    ckpt, prec, out = run_checkpoint(ckpt_path, run_dir, args, ctx)
+    entry = {"checkpoint_sha256": sha, "splits": {k: (v[0], v[2]) for k, v in out.items()},
+             "class_counts": ckpt["class_counts"], "config": ckpt["config"],
+             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
+    checkpoint.save_atomic(entry, cache)
+    save_features(run_dir, ckpt, sha, out, entry["computed_with"])
+    return entry
+
+
+def run_checkpoint(ckpt_path, run_dir, args, ctx):
+    """Load a checkpoint and its data split; return (checkpoint, precision, {split: (logits, features, labels)})
+    for val and test, the penultimate features being what the classifier reads."""
     ckpt = checkpoint.load(ckpt_path)
     check_prior(ckpt["class_counts"], run_dir, args)
     cfg = config.from_dict(ckpt["config"])
@@ -106,12 +125,38 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):
-            logits = engine.compute_logits(model, x, rt, args.batch_size)
-            out[name] = (logits, torch.as_tensor(y))
-    entry = {"checkpoint_sha256": sha, "splits": out, "class_counts": ckpt["class_counts"], "config": ckpt["config"],
-             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, rt.precision)}
-    checkpoint.save_atomic(entry, cache)
-    return entry
+            logits, feats = engine.compute_logits(model, x, rt, args.batch_size, features=True)
+            out[name] = (logits, feats, torch.as_tensor(y))
+    return ckpt, rt.precision, out
+
+
+def save_features(run_dir, ckpt, sha, out, computed_with):
+    """features.pt, beside logits.pt and keyed to the checkpoint the same way: the penultimate features and the
+    linear classifier's weights, all weight normalisation needs (a cosine classifier has nothing to rescale)."""
+    head = {k[len("fc."):]: v.float() for k, v in ckpt["model"].items() if k.startswith("fc.")}
+    if "bias" not in head:
+        return
+    checkpoint.save_atomic({"checkpoint_sha256": sha, "splits": {k: (v[1], v[2]) for k, v in out.items()},
+                            "fc": head, "computed_with": computed_with}, run_dir / "features.pt")
+
+
+def load_features(run_dir, ckpt_path, loss_name, args, ctx):
+    """The features cache for this checkpoint ({"splits": {split: (features, labels)}, "fc": {weight, bias}}),
+    computed if absent; None, with the reason printed, where weight normalisation cannot be done."""
+    if loss_name == "ldam":
+        print(f"\nweight normalisation: {run_dir.name} has a cosine classifier (--loss ldam), whose weights are "
+              f"normalised already")
+        return None
+    if ckpt_path is None:
+        print(f"\nweight normalisation: {run_dir.name} was kept without its checkpoint, so its features cannot be computed")
+        return None
+    sha = checkpoint.file_sha256(ckpt_path)
+    cached = read_cache(run_dir / "features.pt")
+    if cached is None or cached.get("checkpoint_sha256") != sha:
+        ckpt, prec, out = run_checkpoint(ckpt_path, run_dir, args, ctx)
+        save_features(run_dir, ckpt, sha, out, provenance.collect(ctx.device, prec))
+        cached = read_cache(run_dir / "features.pt")
+    return cached
 
 
 def fmt(v):
@@ -136,8 +181,9 @@ def print_table(title, columns, counts=None, rows=ROWS):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
 
 
-def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss_tau):
-    """Raw and (with --posthoc) post-hoc metrics of one split, printed and returned for eval.json."""
+def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss_tau, wnorm=None):
+    """Raw, (with --posthoc) post-hoc and (with wnorm, the split's features and the classifier's weights)
+    weight-normalised metrics of one split, printed and returned for eval.json."""
     log_pi = losses.log_prior(counts)
     columns = {"raw": metrics.evaluate_logits(logits, labels, counts)}
     report = {"raw": columns["raw"]}
@@ -145,6 +191,10 @@ def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss
         label = f"post-hoc tau={args.tau:g}" + (f" (total {loss_tau + args.tau:g})" if loss_tau else "")
         columns[label] = metrics.evaluate_logits(losses.posthoc_adjust(logits, log_pi, args.tau), labels, counts)
         report["posthoc"] = {"tau": args.tau, "total_tau": loss_tau + args.tau, **columns[label]}
+    if wnorm is not None:
+        label = f"wnorm T={args.wnorm_tau:g}"
+        columns[label] = metrics.evaluate_logits(losses.weight_normalized_logits(*wnorm, args.wnorm_tau), labels, counts)
+        report["wnorm"] = {"tau": args.wnorm_tau, **columns[label]}
     if split == "test":
         print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
     else:
@@ -172,7 +222,7 @@ def evaluate_run(path, args, ctx):
     run_dir, ckpt_path = rundir.resolve(path)
     entry = load_logits(run_dir, ckpt_path, args, ctx)
     splits, counts, cfg_dict, state = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_state"]
-    loss_name = cfg_dict["loss"]["name"]
+    loss_name, method = cfg_dict["loss"]["name"], config.method_name(config.from_dict(cfg_dict).loss)
     loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
     if not state["finished"]:
         print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
@@ -181,14 +231,22 @@ def evaluate_run(path, args, ctx):
         print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "
               f"tau={args.tau:g} on top shifts its logits by a total of {loss_tau + args.tau:g} x log prior")
     report = {"run": str(run_dir), "checkpoint": ckpt_path and str(ckpt_path), "checkpoint_sha256": entry["checkpoint_sha256"],
-              **state, "loss": loss_name, "loss_tau": loss_tau, "class_counts": counts,
+              **state, "loss": loss_name, "method": method, "loss_tau": loss_tau, "class_counts": counts,
               "evaluated_with": {**provenance.git_state(), "argv": list(sys.argv), "torch": str(torch.__version__)},
               "logits_computed_with": entry["computed_with"]}
+    # weight normalisation needs penultimate features: asked for, or beside the sweep of a plain CE run
+    wants_wnorm = args.wnorm_tau is not None or (args.tau_sweep and method == "ce")
+    feats = load_features(run_dir, ckpt_path, loss_name, args, ctx) if wants_wnorm else None
     for split in ("test", "val"):
         if split in splits:
-            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau)
+            wnorm = feats and args.wnorm_tau is not None and (feats["splits"][split][0], feats["fc"]["weight"])
+            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau, wnorm or None)
     if args.tau_sweep:
         report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state)
+        if feats and method == "ce":
+            report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
+                                                         feats["fc"]["weight"], args.taus)
+            print(tausweep.describe_wnorm(report["wnorm_sweep"]))
     rundir.save_report(run_dir, report)
     return report
 

@@ -65,7 +65,7 @@ def train(cfg, args, ctx):
     if ckpt:
         say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}")
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
-    if ctx.is_main:
+    if ctx.is_main:  # only now that everything is built: a start that fails leaves the old run whole
         rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)
     say(f"run {run_dir}: {describe(cfg, splits, t, ctx)}")
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
@@ -89,6 +89,8 @@ def describe(cfg, splits, t, ctx):
 
 
 def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
+    """From start = (epoch, step) to train.epochs: train, evaluate, log a metrics line, checkpoint. Returns the exit
+    status: 0, or 128 + the signal that stopped it (after saving where it stopped)."""
     tc, (start_epoch, step) = cfg.train, start
     say = print if ctx.is_main else (lambda *a, **k: None)
     save = lambda epoch, step, sums: ctx.is_main and rundir.save_checkpoint(run_dir, t, cfg, splits, epoch, step, sums)

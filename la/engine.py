@@ -181,16 +181,24 @@ def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def compute_logits(model, x, rt, batch_size=1024):
-    """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU."""
+def compute_logits(model, x, rt, batch_size=1024, features=False):
+    """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU, at the Runtime rt's device, precision and
+    memory format; with features=True also the penultimate features (what the classifier `model.fc` reads), as
+    (logits, features)."""
     model.eval()
     normalize = data.Normalize(rt.device, rt.channels_last)
     x = torch.as_tensor(x)
-    out = []
-    for i in range(0, len(x), batch_size):
-        with rt.autocast():
-            out.append(model(normalize(x[i:i + batch_size].to(rt.device))).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    out, feats = [], []
+    hook = features and model.fc.register_forward_pre_hook(lambda module, args: feats.append(args[0].float().cpu()))
+    try:
+        for i in range(0, len(x), batch_size):
+            with rt.autocast():
+                out.append(model(normalize(x[i:i + batch_size].to(rt.device))).float().cpu())
+    finally:
+        if hook:
+            hook.remove()
+    logits = torch.cat(out) if out else torch.zeros(0, 0)
+    return (logits, torch.cat(feats) if feats else torch.zeros(0, 0)) if features else logits
 
 
 def evaluate(model, x, y, train_counts, ctx, rt, batch_size=1024):

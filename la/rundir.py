@@ -1,10 +1,11 @@
 """The run directory, and the module that owns its layout. train.py, eval.py and the scripts read and write it
-through these functions (but for eval.py's logits cache, which eval.py keeps itself):
+through these functions (but for eval.py's caches, which eval.py keeps itself):
 
     config.yaml      the resolved recipe              split.json       the data split's manifest
     runtime.json     precision, compile, CUDA graph   provenance.json  one entry per session (la.provenance)
     metrics.jsonl    one JSON line per epoch          checkpoint.pt    weights, optimizer, schedule, position, RNGs
     eval.json        eval.py's report                 logits.pt        eval.py's logits cache
+    features.pt      eval.py's penultimate-features cache (weight normalisation)
 
 and runs/latest, under the working directory, pointing at the newest run.
 
@@ -20,7 +21,7 @@ import yaml
 from la import UserError, checkpoint, config, provenance
 
 FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
-         "logits.pt")
+         "logits.pt", "features.pt")
 # Keys that may differ when resuming: where the data lives and how long / how often, not what is learned.
 RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs", "train.eval_every",
                      "train.save_every", "train.eval_batch_size", "train.compile",

@@ -34,11 +34,16 @@ def parse_grid(spec):
 
 def per_tau(logits, labels, log_pi, taus):
     """(hit, nll): T x N, whether argmax f(x) - tau * log pi is right and its NLL, for each tau and image."""
+    return curves(lambda tau: losses.posthoc_adjust(logits.float(), log_pi, tau), labels, taus)
+
+
+def curves(logits_at, labels, taus):
+    """(hit, nll): T x N, whether argmax logits_at(tau) is right and its NLL, for each tau and image."""
     hits, nlls = [], []
     for tau in taus:
-        shifted = losses.posthoc_adjust(logits.float(), log_pi, tau)
-        hits.append(shifted.argmax(1) == labels)
-        nlls.append(F.cross_entropy(shifted, labels, reduction="none"))
+        z = logits_at(tau)
+        hits.append(z.argmax(1) == labels)
+        nlls.append(F.cross_entropy(z, labels, reduction="none"))
     return torch.stack(hits), torch.stack(nlls).double()
 
 
@@ -91,11 +96,16 @@ def choose(rule, taus, hit, nll, labels, num_classes, default):
 
 
 def _result(val, test, log_pi, tau, loss_tau):
-    counts = [1] * len(log_pi)  # shot groups are not used here
-    v = metrics.evaluate_logits(losses.posthoc_adjust(val[0], log_pi, tau), val[1], counts)
-    t = metrics.evaluate_logits(losses.posthoc_adjust(test[0], log_pi, tau), test[1], counts)
-    return {"tau": tau, "total_tau": loss_tau + tau,
-            "val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"],
+    adjust = lambda logits, t: losses.posthoc_adjust(logits, log_pi, t)
+    return {"tau": tau, "total_tau": loss_tau + tau, **_metrics(val, test, adjust, tau, len(log_pi))}
+
+
+def _metrics(val, test, logits_at, tau, num_classes):
+    """Accuracies with 95 % intervals on both splits of logits_at(split's input, tau)."""
+    counts = [1] * num_classes  # shot groups are not used here
+    v = metrics.evaluate_logits(logits_at(val[0], tau), val[1], counts)
+    t = metrics.evaluate_logits(logits_at(test[0], tau), test[1], counts)
+    return {"val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"],
             "test_top1": t["top1"], "test_top1_ci95": t["top1_ci95"],
             "test_balanced_acc": t["balanced_acc"], "test_balanced_acc_ci95": t["balanced_acc_ci95"]}
 
@@ -119,6 +129,42 @@ def sweep(val, test, log_pi, taus, rule=DEFAULT_RULE, loss_tau=0.0):
     oracle = _best(taus, curve["test_balanced_acc"], default)
     curve["oracle_test_tuned"] = _result(val, test, log_pi, oracle, loss_tau)
     return curve
+
+
+WNORM_RULE = "val-acc"  # the logits' scale changes with T, so their NLL says more about calibration than about T
+
+
+def wnorm_sweep(val, test, weight, taus):
+    """Post-hoc weight normalisation (Kang et al., 2020) of a CE run: predict argmax phi(x) . w_y / ||w_y||^T.
+    val, test: (penultimate features, labels); weight: the classifier's C x D weights. Curves against T, and
+    T = 1, T chosen on validation by maximum balanced accuracy (ties to the one nearest 1), the test-tuned oracle."""
+    taus = sorted(set(taus) | {1.0})
+    num_classes = weight.shape[0]
+    logits_at = lambda feats, tau: losses.weight_normalized_logits(feats, weight, tau)
+    v_hit, v_nll = curves(lambda tau: logits_at(val[0], tau), val[1], taus)
+    t_hit, _ = curves(lambda tau: logits_at(test[0], tau), test[1], taus)
+    out = {"taus": taus, "val_balanced_acc": (100 * balanced(v_hit, val[1], num_classes)).tolist(),
+           "test_balanced_acc": (100 * balanced(t_hit, test[1], num_classes)).tolist(),
+           "test_top1": (100 * t_hit.double().mean(1)).tolist()}
+    chosen = choose(WNORM_RULE, taus, v_hit, v_nll, val[1], num_classes, 1.0)
+    oracle = _best(taus, out["test_balanced_acc"], 1.0)
+    result = lambda tau: {"tau": tau, **_metrics(val, test, logits_at, tau, num_classes)}
+    out["paper_default"] = result(1.0)
+    out["validation_chosen"] = {"rule": WNORM_RULE, "rule_means": RULES[WNORM_RULE], **result(chosen)}
+    out["oracle_test_tuned"] = result(oracle)
+    return out
+
+
+def describe_wnorm(s):
+    ci = lambda r, key: f"{r[key]:.2f} ({r[key + '_ci95'][0]:.2f}-{r[key + '_ci95'][1]:.2f})"
+    lines = [f"\nweight normalisation w_y / ||w_y||^T (no bias), T swept over {len(s['taus'])} values "
+             f"({s['taus'][0]:g}..{s['taus'][-1]:g}); rule {WNORM_RULE}: {RULES[WNORM_RULE]}"]
+    for key, label in (("paper_default", "T = 1"), ("validation_chosen", f"T chosen on validation by rule {WNORM_RULE}"),
+                       ("oracle_test_tuned", "T tuned on test (ORACLE)")):
+        r = s[key]
+        lines.append(f"  {label}\n      T={r['tau']:<5g}  test top-1 {ci(r, 'test_top1')}  "
+                     f"test balanced {ci(r, 'test_balanced_acc')}  val balanced {ci(r, 'val_balanced_acc')}")
+    return "\n".join(lines)
 
 
 def describe(s):

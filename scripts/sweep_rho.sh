@@ -3,6 +3,7 @@
 # and tabulate beside the published numbers in $RESULTS/{dataset}_rho_sweep.{md,csv,png}.
 #
 #   bash scripts/sweep_rho.sh                                         # CIFAR-10-LT, rho 200 100 50 10, seed 0
+#   LOSSES="ce la wnorm ldam ldam-drw" RHOS=100 bash scripts/sweep_rho.sh   # the paper's Table 3 column
 #   DATASET=cifar100 SEEDS="0 1 2" NPROC=2 bash scripts/sweep_rho.sh
 #   EPOCHS=20 EXTRA="--set train.eval_every=5" bash scripts/sweep_rho.sh   # shortened (and labelled so)
 #   PARALLEL=8 bash scripts/sweep_rho.sh                              # 8 runs at once on one GPU
@@ -16,6 +17,8 @@ RHOS=${RHOS:-"200 100 50 10"}
 EPOCHS=${EPOCHS:-}          # empty: the recipe's
 NPROC=${NPROC:-1}           # processes (GPUs) per run; >1 launches through torchrun
 SEEDS=${SEEDS:-0}
+LOSSES=${LOSSES:-"ce la"}   # what to train: ce, la, ldam, and any of them with -drw (deferred re-weighting);
+                            # wnorm adds post-hoc weight normalisation (T = 1) of the ce runs to the table
 DATA_ROOT=${DATA_ROOT:-}    # empty: $LA_DATA_ROOT, else the recipe's data.root
 CONFIG=${CONFIG:-}          # empty: configs/paper_$DATASET.yaml when it exists, else train.py's default
 OUT=${OUT:-runs/sweep_${DATASET}}
@@ -48,6 +51,16 @@ eval_flags=()
 [[ -n $DATA_ROOT ]] && eval_flags+=(--data-root "$DATA_ROOT")
 
 if ! [[ $PARALLEL =~ ^[1-9][0-9]*$ ]]; then echo "PARALLEL must be a positive integer, not '$PARALLEL'" >&2; exit 2; fi
+trained=()  # the methods to train, in LOSSES order
+for method in $LOSSES; do
+    case $method in
+        ce|la|ldam|ce-drw|la-drw|ldam-drw) trained+=("$method") ;;
+        wnorm) [[ " $LOSSES " == *" ce "* ]] || { echo "LOSSES: wnorm re-evaluates the ce runs, so it needs ce too" >&2; exit 2; } ;;
+        *) echo "LOSSES: unknown '$method'; use ce, la, ldam (each optionally with -drw) and wnorm" >&2; exit 2 ;;
+    esac
+done
+wnorm=()
+[[ " $LOSSES " == *" wnorm "* ]] && wnorm=(--wnorm-tau 1)
 if (( PARALLEL > 1 )); then
     # K processes each taking every core would fight over them; a CPU run's floats can depend on its thread
     # count, so compare CPU runs only at equal OMP_NUM_THREADS
@@ -65,8 +78,9 @@ if [[ -n $TIME_LIMIT ]]; then
     DEADLINE=$(( SECONDS + TIME_LIMIT ))
 fi
 
-train() {  # loss rho seed; exit status 124 when TIME_LIMIT stopped it
-    local dir=$OUT/rho${2}_${1}_s${3} resume=() limit=()
+train() {  # method rho seed; exit status 124 when TIME_LIMIT stopped it
+    local dir=$OUT/rho${2}_${1}_s${3} resume=() limit=() loss=(--loss "${1%-drw}")
+    [[ $1 == *-drw ]] && loss+=(--drw)
     # train.py --resume finishes a started run, does nothing for a finished one and refuses one that trained
     # more epochs than asked; a directory without a checkpoint holds nothing to keep.
     if [[ -f $dir/checkpoint.pt ]]; then resume=(--resume); elif [[ -d $dir ]]; then resume=(--overwrite); fi
@@ -76,17 +90,17 @@ train() {  # loss rho seed; exit status 124 when TIME_LIMIT stopped it
         limit=(timeout --kill-after=60 $(( DEADLINE - SECONDS )))
     fi
     echo "== $dir: training${resume:+ (${resume[*]})}"
-    "${limit[@]}" "${launcher[@]}" "$REPO/train.py" "${common[@]}" --rho "$2" --loss "$1" --seed "$3" --out "$dir" "${resume[@]}"
+    "${limit[@]}" "${launcher[@]}" "$REPO/train.py" "${common[@]}" --rho "$2" "${loss[@]}" --seed "$3" --out "$dir" "${resume[@]}"
 }
 
-evaluate() {  # loss rho seed; always rerun: logits are cached per checkpoint, so this is cheap
+evaluate() {  # method rho seed; always rerun: logits are cached per checkpoint, so this is cheap
     local dir=$OUT/rho${2}_${1}_s${3} posthoc=()
-    [[ $1 == ce ]] && posthoc=(--posthoc --tau 1)  # post-hoc adjustment only of the plain-CE model
+    [[ $1 == ce ]] && posthoc=(--posthoc --tau 1 "${wnorm[@]}")  # post-hoc adjustments only of the plain-CE model
     echo "== $dir: evaluating (full report in $dir/eval.log)"
     "$PYTHON" "$REPO/eval.py" "$dir" "${posthoc[@]}" "${eval_flags[@]}" > "$dir/eval.log"
 }
 
-one_run() {  # loss rho seed
+one_run() {  # method rho seed
     local rc=0
     train "$@" || rc=$?
     if (( rc == 124 )); then
@@ -98,12 +112,12 @@ one_run() {  # loss rho seed
 
 # plain if/else rather than a quote nested in ${EPOCHS:-...}, which issue 16 saw print a stray backslash
 if [[ -n $EPOCHS ]]; then epochs_said="$EPOCHS epochs"; else epochs_said="the recipe's epochs"; fi
-echo "sweep: $DATASET, rho $RHOS, seeds $SEEDS, $epochs_said, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
+echo "sweep: $DATASET, ${trained[*]}, rho $RHOS, seeds $SEEDS, $epochs_said, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
 mkdir -p "$OUT"
 running=0 failed=0
 for rho in $RHOS; do
     for seed in $SEEDS; do
-        for loss in ce la; do
+        for loss in "${trained[@]}"; do
             if (( PARALLEL == 1 )); then
                 one_run "$loss" "$rho" "$seed"
                 continue
@@ -129,4 +143,4 @@ if (( failed )); then
 fi
 
 "$PYTHON" "$REPO/scripts/sweep_table.py" --dataset "$DATASET" --runs "$OUT" --rhos "$RHOS" --seeds "$SEEDS" \
-    --out "$RESULTS" --config "$RECIPE"
+    --methods "$LOSSES" --out "$RESULTS" --config "$RECIPE"

@@ -2,8 +2,10 @@
 
     python scripts/sweep_table.py --dataset cifar10 --runs runs/sweep_cifar10 --rhos "200 100 50 10" --seeds "0 1 2"
 
-Reads RUNS/rho{rho}_{ce,la}_s{seed}/eval.json as written by
-`eval.py CE_RUN --posthoc --tau 1` and `eval.py LA_RUN`; writes OUT/{dataset}_rho_sweep.{md,csv,png}.
+Reads RUNS/rho{rho}_{method}_s{seed}/eval.json as written by `eval.py CE_RUN --posthoc --tau 1` (with
+--wnorm-tau 1 for the weight-normalisation row) and `eval.py RUN` for the other methods; writes
+OUT/{dataset}_rho_sweep.{md,csv,png}. --methods picks the rows: ce (baseline and post-hoc), la, wnorm (of the ce
+runs), ldam, ldam-drw, ce-drw.
 Runs that have not finished (eval.json's `finished`) are marked and left out of the means unless
 --include-unfinished.
 """
@@ -20,8 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # la.plots, whichever directory this is run from
 from la import plots, provenance, rundir  # noqa: E402
 
-# (row, the run's loss, the eval.json section holding its result)
-METHODS = (("Baseline", "ce", "raw"), ("Post-hoc adjustment", "ce", "posthoc"), ("Loss adjustment", "la", "raw"))
+# (row, the --methods word that asks for it, the run's method, the eval.json section holding its result)
+ROWS = (("Baseline", "ce", "ce", "raw"), ("Post-hoc adjustment", "ce", "ce", "posthoc"),
+        ("Weight normalisation (T = 1)", "wnorm", "ce", "wnorm"), ("Loss adjustment", "la", "la", "raw"),
+        ("LDAM", "ldam", "ldam", "raw"), ("LDAM-DRW", "ldam-drw", "ldam-drw", "raw"),
+        ("CE-DRW", "ce-drw", "ce-drw", "raw"))
+METHOD_WORDS = sorted({word for _, word, _, _ in ROWS})
 
 # Seed table (ResNet-34 CIFAR variant, mmpretrain recipe, 200 epochs), top-1 % at rho = 200, 100, 50, 10.
 SEED_RHOS = (200.0, 100.0, 50.0, 10.0)
@@ -31,11 +37,14 @@ SEED_TABLE = {
     "cifar100": {"Baseline": (41.22, 45.98, 51.87, 64.75), "Post-hoc adjustment": (44.64, 49.92, 54.91, 65.99),
                  "Loss adjustment": (44.14, 48.53, 54.35, 65.75)},
 }
-# Menon et al. (2020) Table 3 (ResNet-32, 200 epochs, mean of 5 runs): rho = 100 only.
+# Menon et al. (2020) Table 3 (ResNet-32, 200 epochs, mean of 5 runs; 100 minus balanced error): rho = 100 only.
+# LDAM is Table 3's "Adaptive" row (Cao et al.'s LDAM + SGD); LDAM-DRW is quoted in its section 6.2.
 PAPER_RHO = 100.0
 PAPER_TABLE = {
-    "cifar10": {"Baseline": 72.84, "Post-hoc adjustment": 77.40, "Loss adjustment": 77.67},
-    "cifar100": {"Baseline": 38.36, "Post-hoc adjustment": 41.76, "Loss adjustment": 43.89},
+    "cifar10": {"Baseline": 72.84, "Post-hoc adjustment": 77.40, "Weight normalisation (T = 1)": 75.98,
+                "Loss adjustment": 77.67, "LDAM": 73.35, "LDAM-DRW": 77.03},
+    "cifar100": {"Baseline": 38.36, "Post-hoc adjustment": 41.76, "Weight normalisation (T = 1)": 41.11,
+                 "Loss adjustment": 43.89, "LDAM": 39.60, "LDAM-DRW": 42.04},
 }
 MISSING = "—"
 NAMES = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT"}
@@ -47,12 +56,18 @@ def parse_args(argv):
     p.add_argument("--runs", type=Path, required=True, help="the sweep's run directory (sweep_rho.sh's OUT)")
     p.add_argument("--rhos", required=True, help='space-separated, in column order, spelled as in the run names: "200 100 50 10"')
     p.add_argument("--seeds", default="0", help='space-separated: "0 1 2"')
+    p.add_argument("--methods", default="ce la", help=f'space-separated rows to tabulate, of {" ".join(METHOD_WORDS)}')
     p.add_argument("--config", default="train.py's default recipe", help="the recipe the runs used, for the header")
     p.add_argument("--out", type=Path, default=Path("results"), help="directory for the .md, .csv and .png")
     p.add_argument("--include-unfinished", action="store_true",
                    help="count runs that stopped before their last epoch in the means (marked either way)")
     args = p.parse_args(argv)
     args.rhos, args.seeds = args.rhos.split(), args.seeds.split()
+    unknown = sorted(set(args.methods.split()) - set(METHOD_WORDS))
+    if unknown:
+        p.error(f"--methods: unknown {' '.join(unknown)}; choose from {' '.join(METHOD_WORDS)}")
+    args.rows = [row for row in ROWS if row[1] in args.methods.split()]
+    args.run_methods = sorted({method for _, _, method, _ in args.rows})
     for rho in args.rhos:
         float(rho)  # a typo fails here, not as an empty column
     return args
@@ -61,8 +76,8 @@ def parse_args(argv):
 def published(dataset, method, rho):
     """(seed table, paper) top-1 for this cell; None where that source has no number."""
     rho = float(rho)
-    seed = SEED_TABLE[dataset][method][SEED_RHOS.index(rho)] if rho in SEED_RHOS else None
-    paper = PAPER_TABLE[dataset][method] if rho == PAPER_RHO else None
+    seed = SEED_TABLE[dataset][method][SEED_RHOS.index(rho)] if rho in SEED_RHOS and method in SEED_TABLE[dataset] else None
+    paper = PAPER_TABLE[dataset].get(method) if rho == PAPER_RHO else None
     return seed, paper
 
 
@@ -72,7 +87,7 @@ def finished(run_dir, report):
     return bool(report["finished"]) if "finished" in report else rundir.finished(run_dir)
 
 
-def read_top1(run_dir, loss, section):
+def read_top1(run_dir, method, section):
     """One run's (test top-1, finished) for one method, or None if the run is missing, unevaluated or evaluated
     otherwise. finished is None when unknown, and then counts as unfinished."""
     path = run_dir / "eval.json"
@@ -80,22 +95,22 @@ def read_top1(run_dir, loss, section):
         return None
     report = json.loads(path.read_text())
     result = report.get("test", {}).get(section)
-    if report.get("loss") != loss or result is None:
+    if report.get("method", report.get("loss")) != method or result is None:  # "method" since DRW; ce/la before
         return None
-    if section == "posthoc" and result.get("tau") != 1.0:  # the published post-hoc numbers are tau = 1
-        print(f"warning: {path} has post-hoc tau={result.get('tau')}, not 1: left out", file=sys.stderr)
+    if section in ("posthoc", "wnorm") and result.get("tau") != 1.0:  # the published numbers are tau = 1
+        print(f"warning: {path} has {section} tau={result.get('tau')}, not 1: left out", file=sys.stderr)
         return None
     return float(result["top1"]), finished(run_dir, report)
 
 
-def collect(runs, rhos, seeds):
-    """{method: {rho: [(top-1, finished) of each seed evaluated]}}."""
+def collect(runs, rows, rhos, seeds):
+    """{row: {rho: [(top-1, finished) of each seed evaluated]}}."""
     cells = {}
-    for method, loss, section in METHODS:
-        cells[method] = {}
+    for row, _, method, section in rows:
+        cells[row] = {}
         for rho in rhos:
-            found = (read_top1(runs / f"rho{rho}_{loss}_s{seed}", loss, section) for seed in seeds)
-            cells[method][rho] = [v for v in found if v is not None]
+            found = (read_top1(runs / f"rho{rho}_{method}_s{seed}", method, section) for seed in seeds)
+            cells[row][rho] = [v for v in found if v is not None]
     return cells
 
 
@@ -124,13 +139,13 @@ def cell_text(cell, n_asked, seed_pub, paper_pub, include_unfinished=False):
     return ours + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def trained_epochs(runs, rhos, seeds):
+def trained_epochs(runs, methods, rhos, seeds):
     """The epochs the runs actually reached (last line of each metrics.jsonl), as text for the header."""
     epochs = set()
     for rho in rhos:
         for seed in seeds:
-            for loss in ("ce", "la"):
-                records = rundir.read_metrics(runs / f"rho{rho}_{loss}_s{seed}")
+            for method in methods:
+                records = rundir.read_metrics(runs / f"rho{rho}_{method}_s{seed}")
                 if records:
                     epochs.add(records[-1]["epoch"])
     if not epochs:
@@ -138,13 +153,13 @@ def trained_epochs(runs, rhos, seeds):
     return str(epochs.pop()) if len(epochs) == 1 else f"{min(epochs)} to {max(epochs)} (the runs differ!)"
 
 
-def commits(runs, rhos, seeds):
+def commits(runs, methods, rhos, seeds):
     """The commits the runs were trained at (provenance.json) and evaluated at (eval.json), as text."""
     trained, evaluated = set(), set()
     for rho in rhos:
         for seed in seeds:
-            for loss in ("ce", "la"):
-                run_dir = runs / f"rho{rho}_{loss}_s{seed}"
+            for method in methods:
+                run_dir = runs / f"rho{rho}_{method}_s{seed}"
                 try:
                     sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
                     trained.update(provenance.short_commit(s) for s in sessions)
@@ -165,7 +180,7 @@ def markdown(args, cells, epochs):
         f"Ours: {args.config}, epochs {epochs}, seeds {' '.join(args.seeds)} "
         f"(mean ± sample std over the n seeds in the mean; n=k/N where only k of N seeds count; runs that stopped "
         f"before their last epoch are {'included' if args.include_unfinished else 'left out'} and counted as "
-        f"unfinished), {commits(args.runs, args.rhos, args.seeds)}, table made at "
+        f"unfinished), {commits(args.runs, args.run_methods, args.rhos, args.seeds)}, table made at "
         f"{provenance.short_commit(provenance.git_state())}. "
         f"Published numbers in parentheses come from other recipes (seed = ResNet-34, mmpretrain recipe, 200 epochs; "
         f"paper = Menon et al. Table 3, ResNet-32, 200 epochs, rho=100 only), so shortened runs are not expected to match. "
@@ -174,7 +189,7 @@ def markdown(args, cells, epochs):
         "| method | " + " | ".join(f"ρ={rho}" for rho in args.rhos) + " |",
         "|---" * (len(args.rhos) + 1) + "|",
     ]
-    for method, _, _ in METHODS:
+    for method, _, _, _ in args.rows:
         row = [cell_text(cells[method][rho], len(args.seeds), *published(args.dataset, method, rho), args.include_unfinished)
                for rho in args.rhos]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
@@ -186,7 +201,7 @@ def write_csv(path, args, cells):
         w = csv.writer(f)
         w.writerow(["method", "rho", "mean", "std", "n", "unfinished", "seed_published", "paper_published"])
         blank = lambda v: "" if v is None else round(v, 4)  # missing stays empty, never 0
-        for method, _, _ in METHODS:
+        for method, _, _, _ in args.rows:
             for rho in args.rhos:
                 values, unfinished = counted(cells[method][rho], args.include_unfinished)
                 mean, std, n = summarize(values)
@@ -197,7 +212,7 @@ def write_csv(path, args, cells):
 def plot(path, args, cells, epochs):
     """Missing cells are NaN, a gap in the line; a single seed has no error bar."""
     table, unfinished = {}, 0
-    for method, _, _ in METHODS:
+    for method, _, _, _ in args.rows:
         table[method] = {}
         for rho in args.rhos:
             values, k = counted(cells[method][rho], args.include_unfinished)
@@ -212,10 +227,10 @@ def plot(path, args, cells, epochs):
 
 def main(argv):
     args = parse_args(argv)
-    cells = collect(args.runs, args.rhos, args.seeds)
+    cells = collect(args.runs, args.rows, args.rhos, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.dataset}_rho_sweep"
-    epochs = trained_epochs(args.runs, args.rhos, args.seeds)
+    epochs = trained_epochs(args.runs, args.run_methods, args.rhos, args.seeds)
     text = markdown(args, cells, epochs)
     Path(f"{stem}.md").write_text(text)
     write_csv(f"{stem}.csv", args, cells)
