@@ -180,9 +180,8 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
         use_compile = tc.compile == "true"
     elif hardware.cxx_compiler() is None:
         use_compile, why["compile"] = False, "auto: no C++ compiler"
-    elif f"compiled_{prec}" not in timings and get(prec, prec) * steps_left < COMPILE_MIN_RUN_S:
+    elif f"compiled_{prec}" not in timings and (left := get(prec, prec) * steps_left) < COMPILE_MIN_RUN_S:
         use_compile = False
-        left = get(prec, prec) * steps_left
         why["compile"] = f"auto: {f'{left:.0f} s' if left < 120 else f'{left / 60:.0f} min'} of eager training left, too short to compile for"
     else:
         if f"compiled_{prec}" not in timings:
@@ -193,8 +192,7 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
         write_cache(key, timings)
     if use_compile and compiled is None:
         compiled = compile_model()
-    runtime = Runtime(ctx.device, prec, use_compile, False, tc.channels_last, why, timings)
-    return runtime, compiled if use_compile else None
+    return Runtime(ctx.device, prec, use_compile, False, tc.channels_last, why, timings), compiled if use_compile else None
 
 
 def _finish(tc, ctx, prec, use_compile, why, timings, compile_model):
