@@ -173,3 +173,16 @@ def test_gpu_job_without_data_says_so(tmp_path):
                env={"ARCHIVE_DIR": str(tmp_path / "out"), "DATA_ROOT": str(tmp_path / "nothing")})
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("set DATA_ROOT to it, or PACK to a folder with unpack.py")
+
+
+def test_rundir_says_whether_a_run_finished(tmp_path):
+    """What reproduce_gpu.sh asks (`python -m la.rundir finished RUN`) instead of grepping config.yaml."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("data:\n  rho: 100\ntrain:\n  batch_size: 128\n  epochs: 2\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    finished = lambda: run([sys.executable, "-m", "la.rundir", "finished", run_dir], cwd=tmp_path, check=False).returncode
+    assert finished() == 1
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
+    assert finished() == 0
+    assert run([sys.executable, "-m", "la.rundir", "finished", tmp_path / "nowhere"], cwd=tmp_path, check=False).returncode == 1
