@@ -111,9 +111,36 @@ def test_ldam_drw_runs_and_shares_its_start_with_ldam(fake_root, tmp_path):
     assert late.returncode == 2 and "loss.drw=True" in late.stderr and "Traceback" not in late.stderr
 
 
-def test_eval_reports_weight_normalisation_beside_the_tau_sweep(fake_root, tmp_path):
-    ce = tmp_path / "ce"
-    run([REPO / "train.py", "--data-root", fake_root, "--loss", "ce", "--out", ce, "--epochs", "2", *TINY], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def sweep(fake_root, tmp_path_factory):
+    """scripts/sweep_rho.sh with LOSSES="ce wnorm ldam-drw" on tiny data: a CE and an LDAM-DRW run, evaluated and
+    tabulated. Returns (working directory, the script's output, its environment)."""
+    cwd = tmp_path_factory.mktemp("baselines")
+    extra = "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 " \
+            "--set train.precision=fp32 --set train.compile=false --set loss.drw_epoch=0"
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
+           "OUT": str(cwd / "runs"), "RESULTS": str(cwd / "results"), "EXTRA": extra, "LOSSES": "ce wnorm ldam-drw"}
+    return cwd, run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=cwd, env=env, timeout=240).stdout, env
+
+
+def test_sweep_script_trains_and_tabulates_the_baselines(sweep):
+    cwd, out, env = sweep
+    assert "sweep: cifar10, ce ldam-drw, rho 10" in out
+    config = (cwd / "runs" / "rho10_ldam-drw_s0" / "config.yaml").read_text()
+    assert "name: ldam" in config and "drw: true" in config
+    md = (cwd / "results" / "cifar10_rho_sweep.md").read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| Baseline", "| Post-hoc adjustment", "| Weight normalisation (T = 1)", "| LDAM-DRW"]
+    assert "—" not in md.split("| Baseline")[1], "every row has its run"
+    report = json.loads((cwd / "runs" / "rho10_ce_s0" / "eval.json").read_text())
+    assert report["method"] == "ce" and report["test"]["wnorm"]["tau"] == 1.0
+    for losses_value, message in (("ce magic", "LOSSES: unknown 'magic'"), ("la wnorm", "wnorm re-evaluates the ce runs")):
+        bad = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=cwd, check=False, env={**env, "LOSSES": losses_value})
+        assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_eval_reports_weight_normalisation_beside_the_tau_sweep(sweep, fake_root, tmp_path):
+    ce = shutil.copytree(sweep[0] / "runs" / "rho10_ce_s0", tmp_path / "ce")
     out = run([REPO / "eval.py", ce, "--tau-sweep", "--wnorm-tau", "0.5", "--data-root", fake_root], cwd=tmp_path).stdout
     assert "wnorm T=0.5" in out and "weight normalisation w_y / ||w_y||^T (no bias)" in out
     assert "T chosen on validation by rule val-acc" in out and "T tuned on test (ORACLE)" in out
@@ -129,15 +156,14 @@ def test_eval_reports_weight_normalisation_beside_the_tau_sweep(fake_root, tmp_p
     phi, labels = feats["splits"]["test"]
     by_hand = losses.weight_normalized_logits(phi, ckpt["model"]["fc.weight"], 0.5).argmax(1) == labels
     assert report["test"]["wnorm"]["top1"] == pytest.approx(100 * by_hand.double().mean().item())
-    sweep = report["wnorm_sweep"]
-    assert sweep["paper_default"]["tau"] == 1.0 and sweep["validation_chosen"]["rule"] == "val-acc"
-    i = sweep["taus"].index(sweep["oracle_test_tuned"]["tau"])
-    assert sweep["test_balanced_acc"][i] == max(sweep["test_balanced_acc"])
+    wnorm = report["wnorm_sweep"]
+    assert wnorm["paper_default"]["tau"] == 1.0 and wnorm["validation_chosen"]["rule"] == "val-acc"
+    i = wnorm["taus"].index(wnorm["oracle_test_tuned"]["tau"])
+    assert wnorm["test_balanced_acc"][i] == max(wnorm["test_balanced_acc"])
 
 
-def test_weight_normalisation_says_why_it_cannot_be_done(fake_root, tmp_path):
-    ldam = tmp_path / "ldam"
-    run(_ldam(fake_root, ldam, "--epochs", "1"), cwd=tmp_path)
+def test_weight_normalisation_says_why_it_cannot_be_done(sweep, fake_root, tmp_path):
+    ldam = shutil.copytree(sweep[0] / "runs" / "rho10_ldam-drw_s0", tmp_path / "ldam")
     out = run([REPO / "eval.py", ldam, "--wnorm-tau", "1", "--data-root", fake_root], cwd=tmp_path).stdout
     assert "has a cosine classifier (--loss ldam)" in out and "wnorm T=1" not in out
     (ldam / "checkpoint.pt").unlink()  # kept with its logits alone, as results/ keeps most runs
@@ -145,24 +171,3 @@ def test_weight_normalisation_says_why_it_cannot_be_done(fake_root, tmp_path):
     assert "has a cosine classifier" in out
     bad = run([REPO / "eval.py", ldam, "--wnorm-tau", "-1"], cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "--wnorm-tau must be a finite number >= 0" in bad.stderr
-
-
-def test_sweep_script_trains_and_tabulates_the_baselines(fake_root, tmp_path):
-    extra = "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 " \
-            "--set train.precision=fp32 --set train.compile=false --set loss.drw_epoch=0"
-    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), "EXTRA": extra,
-           "LOSSES": "ce wnorm ldam-drw"}
-    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=240)
-    assert "sweep: cifar10, ce ldam-drw, rho 10" in proc.stdout
-    config = (tmp_path / "runs" / "rho10_ldam-drw_s0" / "config.yaml").read_text()
-    assert "name: ldam" in config and "drw: true" in config
-    md = (tmp_path / "results" / "cifar10_rho_sweep.md").read_text()
-    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert rows == ["| Baseline", "| Post-hoc adjustment", "| Weight normalisation (T = 1)", "| LDAM-DRW"]
-    assert "—" not in md.split("| Baseline")[1], "every row has its run"
-    report = json.loads((tmp_path / "runs" / "rho10_ce_s0" / "eval.json").read_text())
-    assert report["method"] == "ce" and report["test"]["wnorm"]["tau"] == 1.0
-    for losses_value, message in (("ce magic", "LOSSES: unknown 'magic'"), ("la wnorm", "wnorm re-evaluates the ce runs")):
-        bad = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, check=False, env={**env, "LOSSES": losses_value})
-        assert bad.returncode == 2 and message in bad.stderr
