@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from la import checkpoint, losses, provenance, tausweep  # noqa: E402
+from la import UserError, checkpoint, losses, provenance, run_cli, tausweep  # noqa: E402
 
 TAUS = tausweep.parse_grid("0:3:0.05")
 
@@ -45,7 +45,10 @@ class Run:
     """One run's cached logits, the default shift (tau = 1 after CE, no extra t after the LA loss) and test curves."""
 
     def __init__(self, run_dir):
-        cache = torch.load(Path(run_dir) / "logits.pt", map_location="cpu", weights_only=True)
+        path = Path(run_dir) / "logits.pt"
+        if not path.is_file():
+            raise UserError(f"{run_dir} holds no logits.pt: evaluate it first (python eval.py {run_dir})")
+        cache = checkpoint.load_plain(path, "logits cache")
         self.name, self.cfg = str(run_dir), cache["config"]
         self.progress = cache.get("checkpoint_state")  # caches from before it was kept: ask the checkpoint
         if self.progress is None and (Path(run_dir) / "checkpoint.pt").is_file():
@@ -182,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_cli(main)
