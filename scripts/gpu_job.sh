@@ -5,13 +5,14 @@
 # benchmark into $ARCHIVE_DIR/results.tar.gz. No checkpoint goes in (a ResNet-34 one is 170 MB).
 #
 #   ARCHIVE_DIR=$OUT PACK=.gpu/device PARALLEL=8 RHOS=100 bash scripts/gpu_job.sh
+#   ARCHIVE_DIR=$OUT PACK=.gpu/device PARALLEL=8 RHOS=100 SEEDS="0 1" LOSSES="ce la wnorm ldam ldam-drw" bash scripts/gpu_job.sh
 #   ARCHIVE_DIR=$OUT PACK=.gpu/device BENCH="--concurrent 1 2 4 8" RHOS= bash scripts/gpu_job.sh   # benchmark only
 #   ARCHIVE_DIR=$OUT PACK=.gpu/device CONFIG=configs/seed_cifar10.yaml EXTRA="--set model.bn_batch=16" \
 #       PARALLEL=8 TIME_LIMIT=540 bash scripts/gpu_job.sh
 #
 # PACK is a folder with unpack.py, which rebuilds cifar-10-batches-py/ under DATA_ROOT when it is not there
 # (`python3 PACK/unpack.py DATA_ROOT [--no-extra]`: the images the rho = 10 subset adds are left out unless
-# RHOS has 10). Every other variable (RHOS, SEEDS, CONFIG, EPOCHS, EXTRA, PARALLEL, TIME_LIMIT, DATASET) goes
+# RHOS has 10). Every other variable (RHOS, SEEDS, LOSSES, CONFIG, EPOCHS, EXTRA, PARALLEL, TIME_LIMIT, DATASET) goes
 # to sweep_rho.sh; TIME_LIMIT stops training in time to evaluate, tabulate and pack what finished.
 set -euo pipefail
 ARCHIVE_DIR=${ARCHIVE_DIR:?set ARCHIVE_DIR, the folder results.tar.gz goes to}
