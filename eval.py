@@ -181,7 +181,7 @@ def print_table(title, columns, counts=None, rows=ROWS):
         print(f"  {c:3d}: {n:5d}".ljust(22) + "".join(f"{fmt(columns[l]['per_class'][c]):>{width}s}" for l in labels))
 
 
-def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss_tau, wnorm=None):
+def evaluate_split(run_dir, split, logits, labels, counts, args, trained, loss_tau, wnorm=None):
     """Raw, (with --posthoc) post-hoc and (with wnorm, the split's features and the classifier's weights)
     weight-normalised metrics of one split, printed and returned for eval.json."""
     log_pi = losses.log_prior(counts)
@@ -196,14 +196,14 @@ def evaluate_split(run_dir, split, logits, labels, counts, args, loss_name, loss
         columns[label] = metrics.evaluate_logits(losses.weight_normalized_logits(*wnorm, args.wnorm_tau), labels, counts)
         report["wnorm"] = {"tau": args.wnorm_tau, **columns[label]}
     if split == "test":
-        print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with --loss {loss_name}", columns, counts)
+        print_table(f"{run_dir.name}: test set ({len(labels)} images), trained with {trained}", columns, counts)
     else:
         print_table(f"{run_dir.name}: validation split ({len(labels)} images, held out of training)", columns,
                     rows=ACCURACY_ROWS)
     return report
 
 
-def tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state):
+def tau_sweep(run_dir, splits, counts, args, trained, loss_tau, state):
     """The sweep's three labelled results, printed and plotted."""
     if "val" not in splits:
         raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
@@ -213,7 +213,7 @@ def tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state):
     from la import plots
 
     unfinished = "" if state["finished"] else f", UNFINISHED: {checkpoint.describe_progress(state)}"
-    plots.tau_curve(sweep, png, f"{run_dir.name} (trained with --loss {loss_name}{unfinished})")
+    plots.tau_curve(sweep, png, f"{run_dir.name} (trained with {trained}{unfinished})")
     print(f"plot: {png}")
     return sweep
 
@@ -223,6 +223,7 @@ def evaluate_run(path, args, ctx):
     entry = load_logits(run_dir, ckpt_path, args, ctx)
     splits, counts, cfg_dict, state = entry["splits"], entry["class_counts"], entry["config"], entry["checkpoint_state"]
     loss_name, method = cfg_dict["loss"]["name"], config.method_name(config.from_dict(cfg_dict).loss)
+    trained = f"--loss {loss_name}" + (" --drw" if method.endswith("-drw") else "")  # as the run was started
     loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
     if not state["finished"]:
         print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
@@ -240,9 +241,9 @@ def evaluate_run(path, args, ctx):
     for split in ("test", "val"):
         if split in splits:
             wnorm = feats and args.wnorm_tau is not None and (feats["splits"][split][0], feats["fc"]["weight"])
-            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, loss_name, loss_tau, wnorm or None)
+            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, trained, loss_tau, wnorm or None)
     if args.tau_sweep:
-        report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, loss_name, loss_tau, state)
+        report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, trained, loss_tau, state)
         if feats and method == "ce":
             report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
                                                          feats["fc"]["weight"], args.taus)
