@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY, run
-from la import config, losses, models
+from la import UserError, config, losses, models, rundir
 
 COUNTS = [5000, 500, 50]
 
@@ -55,7 +55,11 @@ def test_drw_is_the_plain_loss_until_its_epoch_then_the_weighted_mean(name):
     drw = losses.Criterion(name, COUNTS, drw_epoch=2)
     for epoch in (0, 1):
         drw.set_epoch(epoch)
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        drw(a, y).backward()
+        plain(b, y).backward()
         assert torch.equal(drw(logits, y), plain(logits, y)), "bit for bit before drw_epoch"
+        assert torch.equal(a.grad, b.grad), "and so is the gradient"
     drw.set_epoch(2)
     # the weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i} of the plain per-image losses
     per_image = {"ce": F.cross_entropy(logits, y, reduction="none"),
@@ -92,23 +96,31 @@ def _ldam(root, out, *extra):
     return [REPO / "train.py", "--data-root", root, "--loss", "ldam", "--out", out, *TINY, *extra]
 
 
-def test_ldam_drw_runs_and_shares_its_start_with_ldam(fake_root, tmp_path):
-    """A run may switch DRW while its checkpoint predates it: LDAM branched from LDAM-DRW's epoch-1 checkpoint is
-    bit for bit the LDAM run trained from scratch, and the re-weighted epoch changes what is learned."""
-    drw = tmp_path / "drw"
-    out = run(_ldam(fake_root, drw, "--drw", "--set", "loss.drw_epoch=1", "--epochs", "1"), cwd=tmp_path).stdout
+def test_drw_can_be_switched_at_a_resume_only_before_it_begins(fake_root, tmp_path):
+    """LDAM and LDAM-DRW share their first drw_epoch epochs, so one run can branch into both: a plain LDAM
+    checkpoint resumed with --drw re-weights from drw_epoch on (and so learns something else than the plain
+    continuation), and is refused once a re-weighted epoch has begun under either setting."""
+    plain = tmp_path / "plain"
+    out = run(_ldam(fake_root, plain, "--epochs", "1"), cwd=tmp_path).stdout
+    assert "loss=ldam;" in out
+    shutil.copytree(plain, tmp_path / "drw")
+    run(_ldam(fake_root, plain, "--epochs", "2", "--resume"), cwd=tmp_path)
+    out = run(_ldam(fake_root, tmp_path / "drw", "--drw", "--set", "loss.drw_epoch=1", "--epochs", "2", "--resume"),
+              cwd=tmp_path).stdout
     assert "loss=ldam-drw (re-weighted from epoch 2)" in out
-    shutil.copytree(drw, tmp_path / "branch")
-    run(_ldam(fake_root, drw, "--drw", "--set", "loss.drw_epoch=1", "--epochs", "2", "--resume"), cwd=tmp_path)
-    run(_ldam(fake_root, tmp_path / "branch", "--epochs", "2", "--resume"), cwd=tmp_path)
-    run(_ldam(fake_root, tmp_path / "scratch", "--epochs", "2"), cwd=tmp_path)
-    model = lambda d: torch.load(d / "checkpoint.pt", weights_only=False)["model"]
-    scratch, branch, reweighted = model(tmp_path / "scratch"), model(tmp_path / "branch"), model(drw)
-    assert all(torch.equal(scratch[k], branch[k]) for k in scratch)
-    assert not torch.equal(scratch["fc.weight"], reweighted["fc.weight"])
-    # once the re-weighted epoch has begun, switching DRW off would change what was learned: refused
-    late = run(_ldam(fake_root, drw, "--epochs", "3", "--resume"), cwd=tmp_path, check=False)
-    assert late.returncode == 2 and "loss.drw=True" in late.stderr and "Traceback" not in late.stderr
+    model = lambda d: torch.load(d / "checkpoint.pt", weights_only=True)["model"]
+    assert not torch.equal(model(plain)["fc.weight"], model(tmp_path / "drw")["fc.weight"]), "epoch 2 was re-weighted"
+
+    saved = config.to_dict(config.build(overrides=[("loss.name", "ldam"), ("loss.drw", True)]))  # drw_epoch 160
+    branch = config.build(overrides=[("loss.name", "ldam")])
+    rundir.check_resumable(branch, saved, 160)  # 160 epochs begun, none re-weighted: either way from here
+    with pytest.raises(UserError, match="loss.drw=True"):
+        rundir.check_resumable(branch, saved, 161)  # epoch 161 was re-weighted
+    with pytest.raises(UserError, match="loss.drw_epoch=160"):
+        rundir.check_resumable(config.build(overrides=[("loss.name", "ldam"), ("loss.drw", True),
+                                                       ("loss.drw_epoch", 100)]), saved, 120)
+    with pytest.raises(UserError, match="loss.name='ldam'"):
+        rundir.check_resumable(config.build(), saved, 10)  # the loss itself never switches
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +178,5 @@ def test_weight_normalisation_says_why_it_cannot_be_done(sweep, fake_root, tmp_p
     ldam = shutil.copytree(sweep[0] / "runs" / "rho10_ldam-drw_s0", tmp_path / "ldam")
     out = run([REPO / "eval.py", ldam, "--wnorm-tau", "1", "--data-root", fake_root], cwd=tmp_path).stdout
     assert "has a cosine classifier (--loss ldam)" in out and "wnorm T=1" not in out
-    (ldam / "checkpoint.pt").unlink()  # kept with its logits alone, as results/ keeps most runs
-    out = run([REPO / "eval.py", ldam, "--wnorm-tau", "1"], cwd=tmp_path).stdout
-    assert "has a cosine classifier" in out
     bad = run([REPO / "eval.py", ldam, "--wnorm-tau", "-1"], cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "--wnorm-tau must be a finite number >= 0" in bad.stderr
