@@ -85,11 +85,6 @@ class Criterion:
         return F.cross_entropy(logits, targets, weight=self.weight)
 
 
-def build_loss(name, counts, tau=1.0, device="cpu"):
-    """Plain CE, or the LA loss with temperature tau (a Criterion without re-weighting)."""
-    return Criterion(name, counts, tau, device)
-
-
 def from_config(loss_cfg, counts, device="cpu"):
     """The criterion a config's loss section describes."""
     return Criterion(loss_cfg.name, counts, loss_cfg.tau, device, loss_cfg.drw_epoch if loss_cfg.drw else None,

@@ -32,7 +32,7 @@ def batches(n):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov):
-    criterion = losses.build_loss("la", [50, 20, 5, 1], 1.0, torch.device("cpu"))
+    criterion = losses.Criterion("la", [50, 20, 5, 1], 1.0, torch.device("cpu"))
     cpu = torch.device("cpu")
     (m1, o1, s1), (m2, o2, s2) = setup(nesterov), setup(nesterov)
     graphed = engine.GraphedTrainStep(m2, criterion, o2, "fp32", cpu, batch_size=6, graph=False)
@@ -49,7 +49,7 @@ def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov):
 
 
 def test_a_graphed_run_checkpoint_resumes_as_a_plain_one():
-    criterion = losses.build_loss("ce", [1, 1, 1, 1], 1.0, torch.device("cpu"))
+    criterion = losses.Criterion("ce", [1, 1, 1, 1], 1.0, torch.device("cpu"))
     cpu = torch.device("cpu")
     model, opt, _ = setup(False)
     graphed = engine.GraphedTrainStep(model, criterion, opt, "fp32", cpu, batch_size=6, graph=False)
@@ -84,7 +84,7 @@ def test_replayed_graph_trains_like_the_eager_step():
     from la import models
 
     cuda = torch.device("cuda")
-    criterion = losses.build_loss("la", [50, 30, 20, 12, 8, 5, 3, 2, 1, 1], 1.0, cuda)
+    criterion = losses.Criterion("la", [50, 30, 20, 12, 8, 5, 3, 2, 1, 1], 1.0, cuda)
     runs = []
     for graph in (False, True):
         torch.manual_seed(0)

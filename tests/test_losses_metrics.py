@@ -17,7 +17,7 @@ def test_la_loss_with_tau_zero_is_cross_entropy():
     logits, y = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
     lp = losses.log_prior([50, 20, 10, 5, 1])
     assert torch.allclose(losses.logit_adjusted_ce(logits, y, lp, 0.0), F.cross_entropy(logits, y))
-    assert torch.allclose(losses.build_loss("ce", [50, 20, 10, 5, 1], 1.0)(logits, y), F.cross_entropy(logits, y))
+    assert torch.allclose(losses.Criterion("ce", [50, 20, 10, 5, 1], 1.0)(logits, y), F.cross_entropy(logits, y))
 
 
 def test_la_loss_is_cross_entropy_on_shifted_logits_by_hand():
@@ -26,7 +26,7 @@ def test_la_loss_is_cross_entropy_on_shifted_logits_by_hand():
     lp = losses.log_prior([8, 2])
     loss = losses.logit_adjusted_ce(torch.zeros(1, 2), torch.tensor([1]), lp, 1.0)
     assert loss.item() == pytest.approx(-math.log(0.2), rel=1e-6)
-    loss2 = losses.build_loss("la", [8, 2], 2.0)(torch.zeros(1, 2), torch.tensor([1]))
+    loss2 = losses.Criterion("la", [8, 2], 2.0)(torch.zeros(1, 2), torch.tensor([1]))
     assert loss2.item() == pytest.approx(-math.log(0.04 / (0.64 + 0.04)), rel=1e-6)  # tau=2 squares the prior
 
 
