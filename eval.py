@@ -132,15 +132,18 @@ def run_checkpoint(ckpt_path, run_dir, args, ctx):
 
 def save_features(run_dir, ckpt, sha, out, computed_with):
     """features.pt, beside logits.pt and keyed to the checkpoint the same way: the penultimate features and the
-    linear classifier's weights, all weight normalisation needs (a cosine classifier has nothing to rescale)."""
+    linear classifier's weights, all weight normalisation needs (a cosine classifier has nothing to rescale).
+    Returns what it saved, or None."""
     head = {k[len("fc."):]: v.float() for k, v in ckpt["model"].items() if k.startswith("fc.")}
     if "bias" not in head:
-        return
-    checkpoint.save_atomic({"checkpoint_sha256": sha, "splits": {k: (v[1], v[2]) for k, v in out.items()},
-                            "fc": head, "computed_with": computed_with}, run_dir / "features.pt")
+        return None
+    entry = {"checkpoint_sha256": sha, "splits": {k: (v[1], v[2]) for k, v in out.items()}, "fc": head,
+             "computed_with": computed_with}
+    checkpoint.save_atomic(entry, run_dir / "features.pt")
+    return entry
 
 
-def load_features(run_dir, ckpt_path, loss_name, args, ctx):
+def load_features(run_dir, ckpt_path, sha, loss_name, args, ctx):
     """The features cache for this checkpoint ({"splits": {split: (features, labels)}, "fc": {weight, bias}}),
     computed if absent; None, with the reason printed, where weight normalisation cannot be done."""
     if loss_name == "ldam":
@@ -150,12 +153,10 @@ def load_features(run_dir, ckpt_path, loss_name, args, ctx):
     if ckpt_path is None:
         print(f"\nweight normalisation: {run_dir.name} was kept without its checkpoint, so its features cannot be computed")
         return None
-    sha = checkpoint.file_sha256(ckpt_path)
     cached = read_cache(run_dir / "features.pt")
     if cached is None or cached.get("checkpoint_sha256") != sha:
         ckpt, prec, out = run_checkpoint(ckpt_path, run_dir, args, ctx)
-        save_features(run_dir, ckpt, sha, out, provenance.collect(ctx.device, prec))
-        cached = read_cache(run_dir / "features.pt")
+        cached = save_features(run_dir, ckpt, sha, out, provenance.collect(ctx.device, prec))
     return cached
 
 
@@ -237,7 +238,7 @@ def evaluate_run(path, args, ctx):
               "logits_computed_with": entry["computed_with"]}
     # weight normalisation needs penultimate features: asked for, or beside the sweep of a plain CE run
     wants_wnorm = args.wnorm_tau is not None or (args.tau_sweep and method == "ce")
-    feats = load_features(run_dir, ckpt_path, loss_name, args, ctx) if wants_wnorm else None
+    feats = load_features(run_dir, ckpt_path, entry["checkpoint_sha256"], loss_name, args, ctx) if wants_wnorm else None
     for split in ("test", "val"):
         if split in splits:
             wnorm = feats and args.wnorm_tau is not None and (feats["splits"][split][0], feats["fc"]["weight"])
