@@ -61,7 +61,8 @@ def parse_args(argv):
     p.add_argument("--window-steps", type=int, default=20)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--model", choices=tuple(models.MODELS), default="resnet32")
-    p.add_argument("--loss", choices=("ce", "la"), default="la")
+    p.add_argument("--loss", choices=config.CHOICES["loss.name"], default="la",
+                   help="ldam trains the cosine classifier, as train.py does")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="of (b) and (c); (a) is fp32")
     p.add_argument("--compile", choices=config.CHOICES["train.compile"], default="auto",
                    help="torch.compile of (b) and (c), as train.compile; (a) is never compiled")
@@ -281,7 +282,7 @@ def bench_concurrent(ctx, args, runtime, n_train):
 
 def gflop_per_image(cfg, n_classes):
     """Forward + backward FLOPs of one training image, counted (convolutions and matmuls) on a batch of 2."""
-    model = models.build(cfg.model.name, n_classes)
+    model = models.from_config(cfg, n_classes, training=False)  # batch-norm groups do not change the count
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     return counter.get_total_flops() / 2 / 1e9

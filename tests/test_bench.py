@@ -32,9 +32,9 @@ def test_bench_synthetic_writes_rates_and_ratios(tmp_path):
 def test_bench_concurrent_runs_report_aggregate_rates(tmp_path):
     out = tmp_path / "bench.json"
     run([REPO / "scripts" / "bench.py", *FAST, "--precision", "fp32", "--model", "resnet32", "--bn-batch", "8",
-         "--concurrent", "2", "--json", out], cwd=tmp_path, timeout=180)
+         "--loss", "ldam", "--concurrent", "2", "--json", out], cwd=tmp_path, timeout=180)
     res = json.loads(out.read_text())
-    assert res["figures"] == {} and res["bn_batch"] == 8
+    assert res["figures"] == {} and res["bn_batch"] == 8 and res["loss"] == "ldam"
     rows = {row["k"]: row for row in res["concurrent"]}
     assert sorted(rows) == [2] and len(rows[2]["per_run_img_per_s"]) == 2
     for row in rows.values():
