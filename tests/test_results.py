@@ -1,0 +1,103 @@
+"""The numbers RESULTS.md's and README.md's result tables quote are the ones the committed runs' eval.json files
+hold: a re-evaluation that changes a number, or a hand edit of a table, fails here until the two agree again."""
+import json
+import re
+
+import pytest
+
+from conftest import REPO
+
+
+def report(run):
+    return json.loads((REPO / "results" / run / "eval.json").read_text())
+
+
+def section(doc, heading):
+    """The text of `doc` under the `## heading...` line, up to the next heading of that level."""
+    text = (REPO / doc).read_text()
+    start = text.index(f"\n## {heading}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def cells(text, label):
+    """The cells after the first of the table row starting with `label`."""
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, f"no single row '{label}'"
+    return [c.strip() for c in rows[0].strip("|").split("|")[1:]]
+
+
+def quoted(cell):
+    """(the numbers of a cell outside parentheses, the temperature in its parentheses or None):
+    '**80.45** (tau 2.2)' -> ([80.45], 2.2); '76.76 / 79.46' -> ([76.76, 79.46], None)."""
+    temperature = re.search(r"\((?:tau|T|t) (\d+(?:\.\d+)?)", cell)
+    numbers = re.findall(r"\d+\.\d+", re.sub(r"\([^)]*\)", "", cell))
+    return [float(v) for v in numbers], float(temperature.group(1)) if temperature else None
+
+
+def sweep(rep, kind, which):
+    """(test top-1, tau) of a sweep's choice: kind tau_sweep or wnorm_sweep, which validation_chosen or oracle."""
+    return rep[kind][which]["test_top1"], rep[kind][which]["tau"]
+
+
+TABLES = [("RESULTS.md", "CIFAR-10-LT, rho = 100, paper recipe"), ("RESULTS.md", "The paper's Table 3 column"),
+          ("RESULTS.md", "CIFAR-10-LT, rho = 100, seed recipe"), ("README.md", "How the baselines relate")]
+
+
+def expected_tables():
+    """{(doc, section heading): {row label: [what each 'ours' column quotes]}}; a column is a test top-1, or
+    (test top-1, temperature) where the cell names the temperature chosen."""
+    ce, ce1 = report("paper_cifar10/cifar10-lt_rho100_ce_s0"), report("paper_cifar10/cifar10-lt_rho100_ce_s1")
+    gpu, la = report("gpu_h200/cifar10-lt_rho100_ce_s0"), report("paper_cifar10/cifar10-lt_rho100_la_s0")
+    ldam = report("paper_cifar10/cifar10-lt_rho100_ldam_s0")["test"]["raw"]["top1"]
+    drw = report("paper_cifar10/cifar10-lt_rho100_ldam-drw_s0")["test"]["raw"]["top1"]
+    seed_ce, seed_la = report("gpu_h200/seed_resnet34_ce_s0"), report("gpu_h200/seed_resnet34_la_s0")
+    raw, posthoc = (lambda r: r["test"]["raw"]["top1"]), (lambda r: r["test"]["posthoc"]["top1"])
+    ce_runs = (ce, gpu, ce1)
+    main = {
+        "ERM: plain CE, raw logits": [raw(r) for r in ce_runs],
+        "CE + post-hoc, tau = 1": [posthoc(r) for r in ce_runs],
+        "CE + post-hoc, tau chosen on validation (rule val-nll)": [sweep(r, "tau_sweep", "validation_chosen") for r in ce_runs],
+        "CE + post-hoc, oracle tau*": [sweep(r, "tau_sweep", "oracle_test_tuned") for r in ce_runs],
+        "LA loss, tau = 1, raw logits": [raw(la)],
+        "LA loss + post-hoc tau = 1 (total shift 2)": [posthoc(la)],
+        "LA loss + post-hoc t chosen on validation (rule val-nll)": [sweep(la, "tau_sweep", "validation_chosen")],
+    }
+    table3 = {
+        "ERM: plain CE": [raw(ce)],
+        "weight normalisation, T = 1": [ce["test"]["wnorm"]["top1"]],
+        "weight normalisation, T chosen on validation (max. balanced accuracy)": [sweep(ce, "wnorm_sweep", "validation_chosen")],
+        "weight normalisation, oracle T*": [sweep(ce, "wnorm_sweep", "oracle_test_tuned")],
+        "LDAM": [ldam],
+        "LDAM-DRW": [drw],
+        "CE + post-hoc, tau = 1": [posthoc(ce)],
+        "CE + post-hoc, tau chosen on validation (val-nll)": [sweep(ce, "tau_sweep", "validation_chosen")],
+        "LA loss, tau = 1": [raw(la)],
+    }
+    seed = {
+        "baseline CE, raw logits": [raw(seed_ce)],
+        "CE + post-hoc, tau = 1": [posthoc(seed_ce)],
+        "CE + post-hoc, oracle tau*": [sweep(seed_ce, "tau_sweep", "oracle_test_tuned")],
+        "LA loss, tau = 1, raw logits": [raw(seed_la)],
+    }
+    readme = {  # one cell: "a / b"
+        "ERM (plain CE)": [raw(ce)],
+        "weight normalisation, T = 1 / T on validation": [ce["test"]["wnorm"]["top1"], sweep(ce, "wnorm_sweep", "validation_chosen")[0]],
+        "LDAM / LDAM-DRW": [ldam, drw],
+        "post-hoc logit adjustment, tau = 1 / tau on validation": [posthoc(ce), sweep(ce, "tau_sweep", "validation_chosen")[0]],
+        "LA loss, tau = 1": [raw(la)],
+    }
+    return dict(zip(TABLES, (main, table3, seed, {k: [v] for k, v in readme.items()})))
+
+
+@pytest.mark.parametrize("doc, heading", TABLES)
+def test_result_tables_quote_the_committed_runs(doc, heading):
+    text = section(doc, heading)
+    for label, columns in expected_tables()[doc, heading].items():
+        row = cells(text, label)
+        for i, want in enumerate(columns):
+            if isinstance(want, list):  # several numbers in one cell
+                assert quoted(row[i])[0] == [round(v, 2) for v in want], f"{doc} '{label}'"
+                continue
+            top1, tau = want if isinstance(want, tuple) else (want, None)
+            assert quoted(row[i]) == ([round(top1, 2)], tau), f"{doc} '{label}', column {i + 1}: {row[i]}"
