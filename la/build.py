@@ -19,10 +19,13 @@ from la.runtime import Runtime, recorded_runtime
 
 
 def lr_factor(step, steps_per_epoch, optim):
-    """Linear warm-up over warmup_epochs (per step), then x gamma at each milestone epoch."""
+    """The learning rate of step `step` (counted from 0) as a fraction of optim.lr: a linear warm-up over
+    warmup_epochs (per step or per epoch: optim.warmup_by), then x gamma at each milestone epoch reached."""
     epoch = step // steps_per_epoch
     if epoch < optim.warmup_epochs:
-        return (step + 1) / (optim.warmup_epochs * steps_per_epoch)
+        if optim.warmup_by == "epoch":
+            return (epoch + 1) / optim.warmup_epochs
+        return (step + (optim.warmup_by == "step")) / (optim.warmup_epochs * steps_per_epoch)
     return optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
@@ -37,6 +40,11 @@ def optimizer(cfg, net):
     o = cfg.optim
     return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                            nesterov=o.nesterov)
+
+
+def scheduler(cfg, opt, steps_per_epoch):
+    """The recipe's learning-rate schedule, stepped once per training step (lr_factor)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
 
 
 def compiled(net, tc):
@@ -71,12 +79,12 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     criterion = losses.from_config(cfg.loss, counts, ctx.device)
     opt = optimizer(cfg, raw)
     steps_per_epoch = loader.steps(0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
+    sched = scheduler(cfg, opt, steps_per_epoch)
     start, saved = (0, 0), None
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        sched.load_state_dict(ckpt["scheduler"])
         checkpoint.set_rng_state(ckpt["rng"])
         start, saved = (ckpt["epoch"], ckpt["step"]), recorded_runtime(ckpt, ctx.device)
     net = DDP(raw, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else raw
@@ -88,4 +96,4 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     steps_left = (tc.epochs - start[0]) * steps_per_epoch - start[1]
     rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved)
     net = net if compiled_net is None else compiled_net
-    return Training(net, raw, criterion, opt, scheduler, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))
+    return Training(net, raw, criterion, opt, sched, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))

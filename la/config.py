@@ -55,7 +55,9 @@ class Optim:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     nesterov: bool = False
-    warmup_epochs: int = 5          # linear warm-up, per step
+    warmup_epochs: int = 5          # linear warm-up to lr over this many epochs
+    warmup_by: str = "step"         # step: lr (s+1)/N at step s of N warm-up steps | epoch: lr (e+1)/W through epoch e,
+                                    # as LDAM-DRW's cifar_train.py | step_from_zero: lr s/N, as the authors' TF code
     milestones: list = field(default_factory=lambda: [160, 180])
     gamma: float = 0.1
 
@@ -103,6 +105,7 @@ CHOICES = {
     "data.loader": ("tensor", "torchvision"),
     "model.name": ("resnet32", "resnet34"),
     "loss.name": ("ce", "la", "ldam"),
+    "optim.warmup_by": ("step", "epoch", "step_from_zero"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

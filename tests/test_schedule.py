@@ -1,0 +1,65 @@
+"""The recipes' learning-rate schedules, step by step through the scheduler train.py builds, against each source's
+own formula written out here (not la.build's)."""
+import pytest
+import torch
+
+from la import build, config
+
+STEPS_PER_EPOCH = 7  # any count: the formulas below are per epoch or per step of it
+
+
+def rates(recipe, epochs):
+    """optim.lr x the factor of every step 0 .. epochs * STEPS_PER_EPOCH - 1, from la.build.scheduler."""
+    cfg = config.build(config.CONFIG_DIR / recipe)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.lr)
+    sched = build.scheduler(cfg, opt, STEPS_PER_EPOCH)
+    out = []
+    for _ in range(epochs * STEPS_PER_EPOCH):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def cao_lr(epoch):
+    """kaidic/LDAM-DRW cifar_train.py adjust_learning_rate, epoch counted from 0 as its loop passes it."""
+    epoch = epoch + 1
+    if epoch <= 5:
+        return 0.1 * epoch / 5
+    if epoch > 180:
+        return 0.1 * 0.0001
+    if epoch > 160:
+        return 0.1 * 0.01
+    return 0.1
+
+
+def paper_lr(step):
+    """The paper recipe (docs/reference.md): linear warm-up per step over 5 epochs, then x0.1 at 160 and 180."""
+    epoch = step // STEPS_PER_EPOCH
+    if epoch < 5:
+        return 0.1 * (step + 1) / (5 * STEPS_PER_EPOCH)
+    return 0.1 * 0.1 ** ((epoch >= 160) + (epoch >= 180))
+
+
+@pytest.mark.parametrize("recipe", ["cao_cifar10.yaml", "cao_cifar100.yaml"])
+def test_cao_schedule_is_ldam_drw_s_per_epoch_rate(recipe):
+    lr = rates(recipe, 200)
+    boundaries = [0, 1, 3, 4, 5, 6, 159, 160, 161, 179, 180, 181, 199]
+    for epoch in boundaries:
+        for step in (epoch * STEPS_PER_EPOCH, (epoch + 1) * STEPS_PER_EPOCH - 1):  # first and last step of the epoch
+            assert lr[step] == pytest.approx(cao_lr(epoch), rel=1e-12), (epoch, step)
+    # the paper recipe decays by 10x, not 100x: the two schedules differ after epoch 160
+    assert lr[161 * STEPS_PER_EPOCH] == pytest.approx(1e-3) and lr[185 * STEPS_PER_EPOCH] == pytest.approx(1e-5)
+
+
+def test_paper_schedule_warms_up_per_step_and_decays_tenfold():
+    lr = rates("paper_cifar10.yaml", 200)
+    for step in [0, 1, 5 * STEPS_PER_EPOCH - 1, 5 * STEPS_PER_EPOCH, 160 * STEPS_PER_EPOCH - 1,
+                 160 * STEPS_PER_EPOCH, 180 * STEPS_PER_EPOCH - 1, 180 * STEPS_PER_EPOCH, 200 * STEPS_PER_EPOCH - 1]:
+        assert lr[step] == pytest.approx(paper_lr(step), rel=1e-12), step
+
+
+def test_warmup_from_zero_starts_at_rate_zero():
+    optim = config.Optim(warmup_epochs=2, warmup_by="step_from_zero")
+    factors = [build.lr_factor(s, 4, optim) for s in range(10)]
+    assert factors == pytest.approx([0, 1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8, 1, 1])
