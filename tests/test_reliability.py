@@ -680,13 +680,17 @@ def test_rng_states_are_plain_data_and_restore_every_generator():
     assert draws() == expected
 
 
-def test_checkpoints_from_before_plain_rng_states_still_load():
-    paths = sorted(REPO.glob("results/**/checkpoint.pt"))
-    assert paths, "results/ holds the committed checkpoints"
-    for path in paths:
-        with pytest.raises(pickle.UnpicklingError):  # they hold a numpy array ...
-            torch.load(path, map_location="cpu", weights_only=True)
-        ckpt = checkpoint.load(path)  # ... which checkpoint.load admits, and nothing more
-        kind, key, *_ = ckpt["rng"]["numpy"]
-        assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
-        np.random.set_state(ckpt["rng"]["numpy"])
+def test_checkpoints_from_before_plain_rng_states_still_load(tmp_path):
+    """Checkpoints written before RNG states were plain data hold numpy's state as numpy.random.get_state() gives it,
+    its key a uint32 array (results/ kept one such run until issue 23): checkpoint.load admits that, and nothing more."""
+    state = checkpoint.rng_state()
+    state["numpy"] = np.random.get_state()  # the old form
+    path = tmp_path / "old.pt"
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict(), "config": {}, "class_counts": [2, 1], "epoch": 200, "step": 0,
+                "rng": state}, path)
+    with pytest.raises(pickle.UnpicklingError):  # it holds a numpy array ...
+        torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = checkpoint.load(path)  # ... which checkpoint.load admits
+    kind, key, *_ = ckpt["rng"]["numpy"]
+    assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
+    np.random.set_state(ckpt["rng"]["numpy"])
