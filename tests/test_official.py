@@ -1,6 +1,7 @@
 """The authors' own recipe (configs/official_cifar*.yaml) against their TensorFlow code, google-research's
 logit_adjustment/models.py and utils.py: every expected value here is derived from that code's definitions, written
 out in this file, not from la's."""
+import importlib.util
 import json
 
 import numpy as np
@@ -59,6 +60,33 @@ def test_resnet32_tf_has_the_keras_models_weights_layer_for_layer(num_classes):
     assert all(m.bias is None for m in convs) and len(bns) == sum(kind == "bn" for kind, *_ in expected)
     # Keras BatchNormalization(momentum=0.9, epsilon=1e-5): 0.9 of the old statistic kept, so PyTorch's 0.1
     assert all(m.momentum == pytest.approx(0.1) and m.eps == 1e-5 for m in bns)
+
+
+def keras_training_gflop(num_classes):
+    """Forward + backward FLOPs per training image of cifar_resnet32, from its layer list and map sizes (36, 36, 18,
+    9; the stride on each stage's first 3x3 and shortcut, so that block's first 1x1 runs at the larger size): a
+    convolution 2 k^2 c_in c_out h w forward, as much again for each of its input and weight gradients (the stem has
+    no input gradient), the dense layer likewise; batch norm is not counted (nor by FlopCounterMode)."""
+    forward = [2 * 9 * 3 * 16 * 36 * 36]
+    size, c = 36, 16
+    for n_layers, n, stride in STAGES:
+        for block in range(n_layers):
+            out = size // stride if block == 0 else size
+            forward += [2 * c * n * size * size, 2 * 9 * n * n * out * out, 2 * n * n * out * out]
+            forward += [2 * c * n * out * out] if block == 0 else []
+            size, c = out, n
+    return (3 * sum(forward) - forward[0] + 3 * 2 * 64 * num_classes) / 1e9
+
+
+def test_bench_counts_the_keras_models_flops_fewer_than_resnet32s():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = config.build(OFFICIAL10)
+    assert keras_training_gflop(10) == pytest.approx(0.338664192)
+    assert bench.gflop_per_image(cfg, 10) == pytest.approx(keras_training_gflop(10), rel=1e-9)
+    # bottleneck blocks of one width cost less than He et al.'s two 3x3 convolutions (0.41 GFLOP), despite 36 x 36
+    assert bench.gflop_per_image(config.build(), 10) == pytest.approx(0.412, rel=1e-3)
 
 
 def test_resnet32_tf_initialisation_is_keras_he_normal_and_dense_normal_001():
