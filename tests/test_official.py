@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import REPO, TINY, run
-from la import build, config, data, dist, models
+from la import build, config, data, dist, losses, models
 
 OFFICIAL10 = config.CONFIG_DIR / "official_cifar10.yaml"
 
@@ -215,3 +215,18 @@ def test_official_recipe_trains_resumes_and_evaluates_with_its_own_scaling(fake_
     assert torch.allclose(cached["splits"]["test"][0], want, atol=1e-4)
     eval_json = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert eval_json["test"]["raw"]["top1"] == pytest.approx(lines[-1]["test_top1"])
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+def test_la_loss_is_the_tf_codes_to_float_precision(tau):
+    """utils.py build_loss_fn: mean softmax cross-entropy of logits + log(base_probs ** tau + 1e-12), base_probs the
+    training prior; here tau * log(prior), which the 1e-12 moves by under 1e-9 at CIFAR-10-LT's smallest prior."""
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, 10, generator=g) * 3, torch.randint(0, 10, (64,), generator=g)
+    z = logits.double().numpy() + np.log((np.array(counts) / sum(counts)) ** tau + 1e-12)
+    z = z - z.max(1, keepdims=True)
+    tf_loss = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(64), y.numpy()]))
+    ours = float(losses.Criterion("la", counts, tau)(logits, y))
+    assert ours == pytest.approx(tf_loss, rel=1e-6)
+    assert abs(float(losses.Criterion("ce", counts)(logits, y)) - tf_loss) > 0.1  # the shift matters at this scale
