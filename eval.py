@@ -125,7 +125,7 @@ def run_checkpoint(ckpt_path, run_dir, args, ctx):
     out = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):
-            logits, feats = engine.compute_logits(model, x, rt, args.batch_size, features=True)
+            logits, feats = engine.compute_logits(model, x, rt, args.batch_size, features=True, normalize=cfg.data.normalize)
             out[name] = (logits, feats, torch.as_tensor(y))
     return ckpt, rt.precision, out
 

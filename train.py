@@ -122,7 +122,7 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
         dist.sync_buffers(t.raw_model)
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
-            record.update(engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size))
+            record.update(engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size, cfg.data.normalize))
             record["eval_seconds"] = time.perf_counter() - t1
         record.update({"seconds": seconds, "img_per_s": (float(totals[2]) - resumed_images) / seconds})
         if ctx.is_main:

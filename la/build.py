@@ -6,6 +6,7 @@
 so that a fix made here (compiling with static shapes, batch-norm groups, the cosine classifier) reaches every
 caller at once.
 """
+import fnmatch
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from la import autotune, checkpoint, engine, losses, models
+from la import UserError, autotune, checkpoint, engine, losses, models
 from la.runtime import Runtime, recorded_runtime
 
 
@@ -36,10 +37,33 @@ def model(cfg, n_classes, device, training=True):
     return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
 
 
+def decayed(net, patterns):
+    """The names of net's parameters that weight decay applies to: those matching one of the space-separated
+    fnmatch patterns (optim.decay_params). A pattern that matches no parameter is a UserError: a misspelt name
+    would otherwise leave the decay off without a word."""
+    names = [n for n, _ in net.named_parameters()]
+    chosen = set()
+    for pattern in patterns.split():
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise UserError(f"optim.decay_params: {pattern!r} matches no parameter of the model "
+                            f"(its names look like {', '.join(names[:3])}, ..., {names[-1]})")
+        chosen.update(hits)
+    return chosen
+
+
 def optimizer(cfg, net):
+    """SGD with weight decay on the parameters optim.decay_params names: one parameter group when that is all of
+    them (as every recipe before it had), else a decayed group and one without decay, in that order."""
     o = cfg.optim
-    return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov)
+    sgd = lambda groups: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                         nesterov=o.nesterov)
+    names = decayed(net, o.decay_params)
+    params = list(net.named_parameters())
+    if len(names) == len(params):
+        return sgd(net.parameters())
+    return sgd([{"params": [p for n, p in params if n in names]},
+                {"params": [p for n, p in params if n not in names], "weight_decay": 0.0}])
 
 
 def scheduler(cfg, opt, steps_per_epoch):

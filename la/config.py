@@ -28,12 +28,16 @@ class Data:
     val_per_class: int = 20         # balanced validation split from the unused images; 0 disables
     loader: str = "tensor"          # tensor (uint8 on device, batched aug) | torchvision (reference)
     workers: int = 2                # DataLoader workers, torchvision loader only
-    augment: bool = True            # pad-4 random crop + horizontal flip
+    augment: bool = True            # random crop (padded by crop_pad) + horizontal flip
+    crop_pad: int = 4               # pixels of padding on each side before the random 32x32 crop (the authors' TF code: 2)
+    normalize: str = "mean_std"     # mean_std: CIFAR's per-channel mean and std, padding black pixels | center: x/255 - 0.5,
+                                    # padding zeros of the scaled image, as the authors' TF code scales before it pads
+    drop_last: bool = False         # drop each epoch's short last batch (the authors' TF code: drop_remainder)
 
 
 @dataclass
 class Model:
-    name: str = "resnet32"          # resnet32 | resnet34
+    name: str = "resnet32"          # resnet32 | resnet32_tf (the authors' TF code's bottleneck ResNet-32) | resnet34
     bn_batch: int = 0               # images per batch-norm group in training; 0: each process's whole batch.
                                     # 16 normalises as 8 GPUs x 16 without SyncBN do (the seed's 8 x 16), on one device
 
@@ -54,6 +58,8 @@ class Optim:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 2e-4
+    decay_params: str = "*"         # which parameters weight_decay applies to: names (fnmatch patterns, space-separated)
+                                    # of the model's parameters; each must match one. "*": all of them
     nesterov: bool = False
     warmup_epochs: int = 5          # linear warm-up to lr over this many epochs
     warmup_by: str = "step"         # step: lr (s+1)/N at step s of N warm-up steps | epoch: lr (e+1)/W through epoch e,
@@ -103,7 +109,8 @@ CHOICES = {
     "data.dataset": ("cifar10", "cifar100"),
     "data.profile": ("exp", "step"),
     "data.loader": ("tensor", "torchvision"),
-    "model.name": ("resnet32", "resnet34"),
+    "data.normalize": ("mean_std", "center"),
+    "model.name": ("resnet32", "resnet32_tf", "resnet34"),
     "loss.name": ("ce", "la", "ldam"),
     "optim.warmup_by": ("step", "epoch", "step_from_zero"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -183,6 +190,7 @@ def validate(cfg):
         (0 <= cfg.data.subset_seed <= max_seed, f"data.subset_seed must be in 0..{max_seed}"),
         (cfg.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (0 <= cfg.data.crop_pad <= 16, "data.crop_pad must be in 0..16"),
         (cfg.model.bn_batch >= 0, "model.bn_batch must be >= 0 (0: the whole batch)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -198,6 +206,7 @@ def validate(cfg):
         (0 <= optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (optim.momentum > 0 or not optim.nesterov, "optim.nesterov=true needs optim.momentum > 0"),
         (optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (bool(optim.decay_params.split()), "optim.decay_params must name at least one pattern ('*': every parameter)"),
         (optim.gamma > 0, "optim.gamma must be > 0"),
         (optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (optim.milestones == sorted(set(optim.milestones)) and min(optim.milestones, default=0) >= 0,

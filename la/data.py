@@ -34,14 +34,23 @@ class _Refused(pickle.UnpicklingError):
     """A CIFAR file asked to import something the format never holds."""
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """What a protocol-2 pickle written by Python 3 calls as _codecs.encode(text, 'latin1') to rebuild bytes (an
+    array's data): that one encoding and nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Refused(f"_codecs.encode with {type(text).__name__}, {encoding!r}")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Rebuilds only what the CIFAR python format holds: dicts, lists, strings, bytes, numbers and numpy arrays.
 
     A pickle rebuilds objects by importing and calling what it names; a planted file could name os.system.
     Here the only names are numpy's array reconstructors (protocols 0-4, and 5's from a buffer; under numpy 1's
-    and numpy 2's module names), ndarray and dtype: each builds an array from bytes and nothing else.
+    and numpy 2's module names), ndarray and dtype: each builds an array from bytes and nothing else; and, for
+    protocol 2 written by Python 3 (the packed copy's unpack.py writes it), _codecs.encode of a string as latin-1.
     """
-    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
     for core in ("core", "_core"):
         ALLOWED[f"numpy.{core}.multiarray", "_reconstruct"] = np.empty(0).__reduce__()[0]
         ALLOWED[f"numpy.{core}.numeric", "_frombuffer"] = np.empty(0).__reduce_ex__(5)[0]
@@ -230,11 +239,12 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def epoch_plan(n, batch_size, world_size, seed, epoch):
-    """The epoch's permutation cut into global batches; a short last batch is cut to a multiple of world_size."""
+def epoch_plan(n, batch_size, world_size, seed, epoch, drop_last=False):
+    """The epoch's permutation cut into global batches; a short last batch is cut to a multiple of world_size, or
+    with drop_last dropped (n // batch_size batches, as tf.data's batch(drop_remainder=True))."""
     perm = torch.randperm(n, generator=epoch_generator(seed, epoch))
     batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(batches[-1]) // world_size * world_size
+    tail = 0 if drop_last and len(batches[-1]) < batch_size else len(batches[-1]) // world_size * world_size
     batches[-1] = batches[-1][:tail]
     return [b for b in batches if len(b)]
 
@@ -244,19 +254,21 @@ def shard(batch, rank, world_size):
     return batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-def augment_params(n, seed, epoch):
-    """Crop offsets in 0..8 (torchvision's RandomCrop(32, padding=4)) and flips, one per training image."""
+def augment_params(n, seed, epoch, pad=4):
+    """Crop offsets in 0..2 pad (torchvision's RandomCrop(32, padding=pad): 0..8 at the usual 4) and flips, one per
+    training image."""
     g = epoch_generator(seed, epoch)
     g.manual_seed(g.initial_seed() ^ 0x5EED)
-    offsets = torch.randint(0, 9, (n, 2), generator=g)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     flips = torch.rand(n, generator=g) < 0.5
     return offsets, flips
 
 
-def crop_flip(x, offsets, flips):
-    """Pad-4 random crop and horizontal flip of a uint8 N x 3 x 32 x 32 batch, as tensor ops."""
+def crop_flip(x, offsets, flips, pad=4):
+    """Random crop of the zero-padded (by pad on each side) batch and horizontal flip of an N x 3 x 32 x 32 batch,
+    as tensor ops."""
     n = x.shape[0]
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     ar = torch.arange(32, device=x.device)
     rows = (offsets[:, 0:1] + ar)[:, None, :, None]
     cols = offsets[:, 1:2] + ar
@@ -265,49 +277,68 @@ def crop_flip(x, offsets, flips):
 
 
 class Normalize:
-    """uint8 -> float, CIFAR mean/std, in the memory format the model wants."""
+    """uint8 -> float in the memory format the model wants, as data.normalize says: 'mean_std', CIFAR's per-channel
+    mean and std; 'center', x * (1 / 255) - 0.5, the authors' TF code's scaling (logit_adjustment/utils.py).
 
-    def __init__(self, device, channels_last):
+    `scales_first`: augmentation pads the scaled image (with zeros, a mid-grey pixel), as that TF code pads after
+    scaling; otherwise it pads the uint8 image with black pixels, as torchvision's RandomCrop pads a PIL image."""
+
+    def __init__(self, device, channels_last, kind="mean_std"):
+        self.kind, self.scales_first = kind, kind == "center"
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x):
         x = x.contiguous(memory_format=self.memory_format)
+        if self.kind == "center":
+            return x.float() * (1.0 / 255) - 0.5
         return (x.float() - self.mean) * self.inv_std
 
 
-class TensorLoader:
+class _Planned:
+    """An epoch's plan of batches (epoch_plan) from the loader's n, batch_size, world_size, seed and drop_last."""
+
+    def plan(self, epoch):
+        return epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch, self.drop_last)
+
+    def steps(self, epoch):
+        return len(self.plan(epoch))
+
+
+class TensorLoader(_Planned):
     """The training set as one uint8 tensor on the device; each epoch a seeded, rank-sharded plan.
 
     Batches for epoch e are a pure function of (seed, e), so a run resumed mid-epoch sees
     exactly the batches it would have seen.
     """
 
-    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True):
+    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, crop_pad=4,
+                 normalize="mean_std", drop_last=False):
         self.x = torch.as_tensor(x).to(device)
         self.y = torch.as_tensor(y).to(device)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.augment = augment
-        self.normalize = Normalize(device, channels_last)
-
-    def steps(self, epoch):
-        return len(epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch))
+        self.n, self.augment, self.crop_pad, self.drop_last = len(y), augment, crop_pad, drop_last
+        self.normalize = Normalize(device, channels_last, normalize)
 
     def batches(self, epoch, start_step=0):
-        plan = epoch_plan(len(self.y), self.batch_size, self.world_size, self.seed, epoch)[start_step:]
+        plan = self.plan(epoch)[start_step:]
         device = self.x.device
-        offsets, flips = (t.to(device) for t in augment_params(len(self.y), self.seed, epoch))
+        offsets, flips = (t.to(device) for t in augment_params(self.n, self.seed, epoch, self.crop_pad))
         # the epoch's indices reach the device in one copy: a copy per batch from pageable memory would
         # make the host wait for the GPU at every step
         mine = [shard(batch, self.rank, self.world_size) for batch in plan]
         if not mine:
             return
         for idx in torch.cat(mine).to(device).split([len(m) for m in mine]):
-            x = self.x[idx]
-            if self.augment:
-                x = crop_flip(x, offsets[idx], flips[idx])
-            yield self.normalize(x), self.y[idx]
+            x, norm = self.x[idx], self.normalize
+            if not self.augment:
+                yield norm(x), self.y[idx]
+            elif norm.scales_first:
+                yield crop_flip(norm(x), offsets[idx], flips[idx], self.crop_pad).contiguous(
+                    memory_format=norm.memory_format), self.y[idx]
+            else:
+                yield norm(crop_flip(x, offsets[idx], flips[idx], self.crop_pad)), self.y[idx]
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -336,28 +367,29 @@ class _ArrayDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i].transpose(1, 2, 0))), int(self.y[i])
 
 
-def reference_transform(augment=True):
-    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, 4), flip, ToTensor, Normalize."""
+def reference_transform(augment=True, crop_pad=4, normalize="mean_std"):
+    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, crop_pad), flip, ToTensor, Normalize(MEAN, STD); with
+    normalize='center', ToTensor, x - 0.5, then the crop (padding zeros of the scaled image) and flip."""
     import torchvision.transforms as T
 
-    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    aug = [T.RandomCrop(32, padding=crop_pad), T.RandomHorizontalFlip()] if augment else []
+    if normalize == "center":
+        return T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (1.0,) * 3)] + aug)
+    return T.Compose(aug + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(_Planned):
     """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices per epoch."""
 
-    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
-        self.dataset = _ArrayDataset(x, y, reference_transform(augment))
+    def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, crop_pad=4,
+                 normalize="mean_std", drop_last=False, workers=2):
+        self.dataset = _ArrayDataset(x, y, reference_transform(augment, crop_pad, normalize))
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(y), batch_size, rank, world_size, seed
-        self.device, self.workers = device, workers
+        self.device, self.workers, self.drop_last = device, workers, drop_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def steps(self, epoch):
-        return len(epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch))
-
     def batches(self, epoch, start_step=0):
-        plan = epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch)[start_step:]
+        plan = self.plan(epoch)[start_step:]
         if not plan:
             return
         loader = torch.utils.data.DataLoader(
@@ -376,4 +408,4 @@ def make_loader(cfg, splits, ctx):
     kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
     extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
     return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
-                tc.channels_last, dc.augment, **extra)
+                tc.channels_last, dc.augment, dc.crop_pad, dc.normalize, dc.drop_last, **extra)

@@ -29,8 +29,9 @@ class GraphedTrainStep:
 
     - the update is torch's own SGD (the functional form of torch.optim.SGD, fused kernel) with the
       optimizer's hyper-parameters and momentum buffers, so checkpoints are the usual optimizer state;
-    - the learning rate is read from a device scalar that is refilled from param_groups before each step,
-      so the schedule reaches the recorded graph;
+    - each parameter group (weight decay on some tensors only: optim.decay_params) is updated with its own
+      hyper-parameters; its learning rate is read from a device scalar that is refilled from param_groups
+      before each step, so the schedule reaches the recorded graph;
     - batches of another size than `batch_size` (an epoch's short last batch) and the first `warmup` steps
       run the same function eagerly.
 
@@ -39,11 +40,8 @@ class GraphedTrainStep:
     """
 
     def __init__(self, model, criterion, optimizer, prec, device, batch_size, graph=True, warmup=3):
-        if len(optimizer.param_groups) != 1:
-            raise ValueError("GraphedTrainStep expects one parameter group")
         self.model, self.criterion, self.optimizer, self.prec, self.device = model, criterion, optimizer, prec, device
-        self.params = optimizer.param_groups[0]["params"]
-        self.lr = torch.zeros((), device=device)
+        self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]
         self.batch_size, self.graph, self.warmup = batch_size, graph, warmup
         self.recorded = None  # (graph, static x, static y, static (loss, logits))
 
@@ -54,18 +52,21 @@ class GraphedTrainStep:
             logits = self.model(x)
         loss = self.criterion(logits.float(), y)
         loss.backward()
-        group, state = self.optimizer.param_groups[0], self.optimizer.state
-        buffers = [state[p].get("momentum_buffer") for p in self.params]
-        with torch.no_grad():
-            sgd(self.params, [p.grad for p in self.params], buffers, fused=True, lr=self.lr,
-                weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=group["maximize"])
-        for p, b in zip(self.params, buffers):  # the first step creates them
-            state[p]["momentum_buffer"] = b
+        state = self.optimizer.state
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            params = group["params"]
+            buffers = [state[p].get("momentum_buffer") for p in params]
+            with torch.no_grad():
+                sgd(params, [p.grad for p in params], buffers, fused=True, lr=lr,
+                    weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
+                    nesterov=group["nesterov"], maximize=group["maximize"])
+            for p, b in zip(params, buffers):  # the first step creates them
+                state[p]["momentum_buffer"] = b
         return loss.detach(), logits.detach()
 
     def __call__(self, x, y):
-        self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            lr.fill_(group["lr"])
         # the update is optimizer.step()'s own, in functional form: tell the LR scheduler so, which would
         # otherwise warn that a rate was skipped (torch's flag for it; no process-wide warnings filter)
         self.optimizer._opt_called = True
@@ -181,12 +182,12 @@ def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def compute_logits(model, x, rt, batch_size=1024, features=False):
+def compute_logits(model, x, rt, batch_size=1024, features=False, normalize="mean_std"):
     """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU, at the Runtime rt's device, precision and
-    memory format; with features=True also the penultimate features (what the classifier `model.fc` reads), as
-    (logits, features)."""
+    memory format, its input scaled as data.normalize `normalize` says (the run's own); with features=True also the
+    penultimate features (what the classifier `model.fc` reads), as (logits, features)."""
     model.eval()
-    normalize = data.Normalize(rt.device, rt.channels_last)
+    normalize = data.Normalize(rt.device, rt.channels_last, normalize)
     x = torch.as_tensor(x)
     out, feats = [], []
     hook = features and model.fc.register_forward_pre_hook(lambda module, args: feats.append(args[0].float().cpu()))
@@ -201,23 +202,23 @@ def compute_logits(model, x, rt, batch_size=1024, features=False):
     return (logits, torch.cat(feats) if feats else torch.zeros(0, 0)) if features else logits
 
 
-def evaluate(model, x, y, train_counts, ctx, rt, batch_size=1024):
+def evaluate(model, x, y, train_counts, ctx, rt, batch_size=1024, normalize="mean_std"):
     """Metrics on a split, each rank taking a disjoint contiguous shard: every image counted exactly once."""
     lo, hi = len(y) * ctx.rank // ctx.world_size, len(y) * (ctx.rank + 1) // ctx.world_size
     n_classes = len(train_counts)
     sums = torch.zeros(2 * n_classes + 1 + 3 * metrics.ECE_BINS, dtype=torch.float64)
     if hi > lo:
-        logits = compute_logits(model, x[lo:hi], rt, batch_size)
+        logits = compute_logits(model, x[lo:hi], rt, batch_size, normalize=normalize)
         sums = metrics.accumulate(logits, torch.as_tensor(y[lo:hi]), n_classes)
     sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
     return metrics.summarize(sums, n_classes, train_counts)
 
 
-def evaluate_splits(model, splits, ctx, rt, batch_size=1024):
+def evaluate_splits(model, splits, ctx, rt, batch_size=1024, normalize="mean_std"):
     """{val,test}_{top1,balanced_acc} of the validation and test splits (a split without images is left out)."""
     record = {}
     for name, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
         if len(y):
-            m = evaluate(model, x, y, splits.counts, ctx, rt, batch_size)
+            m = evaluate(model, x, y, splits.counts, ctx, rt, batch_size, normalize)
             record.update({f"{name}_top1": m["top1"], f"{name}_balanced_acc": m["balanced_acc"]})
     return record

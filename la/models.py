@@ -1,5 +1,6 @@
-"""ResNet-32 of He et al. (CIFAR, basic blocks, option-A shortcuts) and the seed's ResNet-34 CIFAR variant,
-with a linear classifier (`fc`) or the cosine one LDAM trains."""
+"""ResNet-32 of He et al. (CIFAR, basic blocks, option-A shortcuts), the ResNet-32 of the paper authors' TensorFlow
+code (bottleneck blocks, resnet32_tf) and the seed's ResNet-34 CIFAR variant, with a linear classifier (`fc`) or the
+cosine one LDAM trains."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +60,89 @@ def resnet32(num_classes):
     return CifarResNet(5, num_classes)
 
 
+# ---------------------------------------------------------------- the authors' TensorFlow ResNet-32
+
+def tf_same_padding(size, kernel, stride):
+    """(before, after): the zeros TensorFlow's padding='same' adds along one axis of `size`. It makes ceil(size /
+    stride) outputs and puts an odd pixel after, so a stride-2 3x3 convolution of an even map is padded (0, 1): its
+    windows sit one pixel later than PyTorch's symmetric padding=1 would put them."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class TFConv2d(nn.Conv2d):
+    """A bias-free Keras Conv2D: padding 'same' (TensorFlow's rule, tf_same_padding) or 'valid', he_normal
+    initialisation (Keras's truncated normal: std sqrt(2 / fan_in) / 0.8796, cut at two of its deviations)."""
+
+    def __init__(self, in_planes, planes, kernel, stride=1, same=True):
+        super().__init__(in_planes, planes, kernel, stride, 0, bias=False)
+        self.same = same and kernel > 1
+        std = (2.0 / (in_planes * kernel * kernel)) ** 0.5 / 0.87962566103423978
+        nn.init.trunc_normal_(self.weight, 0.0, std, -2 * std, 2 * std)
+
+    def forward(self, x):
+        if self.same:
+            (top, bottom), (left, right) = (tf_same_padding(n, self.kernel_size[0], self.stride[0]) for n in x.shape[2:])
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+def tf_batch_norm(planes):
+    """Keras BatchNormalization(momentum=0.9, epsilon=1e-5): Keras's momentum is the share of the old running
+    statistic kept, PyTorch's the share of the new batch's."""
+    return nn.BatchNorm2d(planes, eps=1e-5, momentum=0.1)
+
+
+class TFBottleneck(nn.Module):
+    """The Keras ResNet-50 block at one width: 1x1, 3x3 (carrying the stride), 1x1 convolutions, each followed by
+    batch norm, ReLU after the first two and after the sum. The first block of a stage (`project`) has a strided
+    1x1 convolution + batch norm shortcut, also where neither stride nor width change (the first stage)."""
+
+    def __init__(self, in_planes, planes, stride, project):
+        super().__init__()
+        self.conv1, self.bn1 = TFConv2d(in_planes, planes, 1), tf_batch_norm(planes)
+        self.conv2, self.bn2 = TFConv2d(planes, planes, 3, stride), tf_batch_norm(planes)
+        self.conv3, self.bn3 = TFConv2d(planes, planes, 1), tf_batch_norm(planes)
+        self.project = project
+        if project:
+            self.shortcut_conv, self.shortcut_bn = TFConv2d(in_planes, planes, 1, stride, same=False), tf_batch_norm(planes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        shortcut = self.shortcut_bn(self.shortcut_conv(x)) if self.project else x
+        return F.relu(self.bn3(self.conv3(out)) + shortcut)
+
+
+class TFCifarResNet(nn.Module):
+    """cifar_resnet32 of the authors' logit_adjustment/models.py: zero-pad 3, a valid 3x3 convolution (32 -> 36
+    pixels), batch norm, ReLU; three stages of bottleneck blocks at widths 16, 32, 64 and strides 1, 2, 2 (36, 18, 9
+    pixels); a last batch norm without ReLU; global average pooling; a dense layer initialised N(0, 0.01), bias 0."""
+
+    def __init__(self, blocks_per_stage, num_classes):
+        super().__init__()
+        self.conv1, self.bn1 = TFConv2d(3, 16, 3, same=False), tf_batch_norm(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for b in range(blocks_per_stage):
+                layers.append(TFBottleneck(in_planes, planes, stride if b == 0 else 1, project=b == 0))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.final_bn = tf_batch_norm(64)
+        self.fc = nn.Linear(64, num_classes)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(F.pad(x, (3, 3, 3, 3)))))
+        x = self.final_bn(self.layers(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def resnet32_tf(num_classes):
+    return TFCifarResNet(5, num_classes)
+
+
 def resnet34_cifar(num_classes):
     """torchvision's resnet34 with a 3x3 stride-1 stem and no max-pool, as mmpretrain's ResNet_CIFAR."""
     import torchvision  # here: importing it costs every process two seconds, and only ResNet-34 needs it
@@ -70,7 +154,7 @@ def resnet34_cifar(num_classes):
     return model
 
 
-MODELS = {"resnet32": resnet32, "resnet34": resnet34_cifar}
+MODELS = {"resnet32": resnet32, "resnet32_tf": resnet32_tf, "resnet34": resnet34_cifar}
 
 
 class CosineClassifier(nn.Module):

@@ -5,6 +5,7 @@
     python scripts/bench.py --device cpu --compile false --json results/bench_cpu_eager.json
     python scripts/bench.py --concurrent 1 2 4 8            # aggregate (b) of K runs training at once
     python scripts/bench.py --model resnet34 --bn-batch 16  # the seed recipe's network and batch norm
+    python scripts/bench.py --config configs/official_cifar10.yaml  # the authors' TF recipe: network, inputs, epochs
 
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
     2 DataLoader workers (la.data.TorchvisionLoader).
@@ -60,7 +61,9 @@ def parse_args(argv):
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--window-steps", type=int, default=20)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--model", choices=tuple(models.MODELS), default="resnet32")
+    p.add_argument("--config", help="a recipe (configs/*.yaml): its model, input pipeline and epochs (the run-time "
+                   "estimates); default: la/config.py's defaults, the paper recipe")
+    p.add_argument("--model", choices=tuple(models.MODELS), help="default: the recipe's (resnet32 in the paper recipe)")
     p.add_argument("--loss", choices=config.CHOICES["loss.name"], default="la",
                    help="ldam trains the cosine classifier, as train.py does")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="of (b) and (c); (a) is fp32")
@@ -190,8 +193,10 @@ def bench_reference(ctx, args):
 
 
 def tensor_loader(ctx, args):
+    dc = ctx["cfg"].data
     return data.TensorLoader(ctx["x"], ctx["y"], args.batch_size, 0, 1, ctx["cfg"].train.seed, ctx["device"],
-                             channels_last=True, augment=True)
+                             channels_last=True, augment=True, crop_pad=dc.crop_pad, normalize=dc.normalize,
+                             drop_last=dc.drop_last)
 
 
 def compiled_training(ctx, args, prec, compiled, graph):
@@ -365,8 +370,9 @@ def main(argv):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but CUDA is not available")
-    cfg = config.build(overrides=[("data.root", config.data_root(args.data_root)), ("data.download", "false"), ("data.rho", str(args.rho)),
-                                  ("model.name", args.model), ("loss.name", args.loss),
+    model = [("model.name", args.model)] if args.model else []
+    cfg = config.build(args.config, [("data.root", config.data_root(args.data_root)), ("data.download", "false"), ("data.rho", str(args.rho)),
+                                  *model, ("loss.name", args.loss),
                                   ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision),
                                   ("train.compile", args.compile), ("train.cuda_graph", args.cuda_graph),
                                   ("train.compile_mode", args.compile_mode), ("model.bn_batch", str(args.bn_batch))])
@@ -395,9 +401,10 @@ def main(argv):
             figures[name] = {"precision": prec, "compiled": compiled, "cuda_graph": graphed, **measure_it()}
 
     gflop = gflop_per_image(cfg, n_classes)
-    ratios, gflops, estimates = derive(figures, gflop, len(y), cfg.train.epochs) if figures else ({}, None, {})
+    per_epoch = len(y) // args.batch_size * args.batch_size if cfg.data.drop_last else len(y)  # images an epoch trains
+    ratios, gflops, estimates = derive(figures, gflop, per_epoch, cfg.train.epochs) if figures else ({}, None, {})
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device), "config": args.config,
         "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
         "train_images": len(y), "model": cfg.model.name, "bn_batch": cfg.model.bn_batch, "loss": cfg.loss.name,
         "precision": runtime.precision, "compile": runtime.compile,

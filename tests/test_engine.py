@@ -18,9 +18,15 @@ def tiny_model():
                          nn.Flatten(), nn.Linear(8, 4))
 
 
-def setup(nesterov):
+def setup(nesterov, groups=1):
+    """The model and its SGD: one parameter group, or (groups=2) weight decay on the convolution and linear layers
+    only, as optim.decay_params makes them (la.build.optimizer)."""
     model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    params = model.parameters()
+    if groups == 2:
+        params = [{"params": [model[0].weight, model[5].weight, model[5].bias]},
+                  {"params": [model[0].bias, model[1].weight, model[1].bias], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [1.0, 0.5, 0.1, 0.01][min(s, 3)])
     return model, opt, sched
 
@@ -30,11 +36,11 @@ def batches(n):
     return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov):
+@pytest.mark.parametrize("nesterov,groups", [(False, 1), (True, 1), (True, 2)])
+def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov, groups):
     criterion = losses.Criterion("la", [50, 20, 5, 1], 1.0, torch.device("cpu"))
     cpu = torch.device("cpu")
-    (m1, o1, s1), (m2, o2, s2) = setup(nesterov), setup(nesterov)
+    (m1, o1, s1), (m2, o2, s2) = setup(nesterov, groups), setup(nesterov, groups)
     graphed = engine.GraphedTrainStep(m2, criterion, o2, "fp32", cpu, batch_size=6, graph=False)
     for x, y in batches(4):  # lr 0.1, 0.05, 0.01, 0.001: a step that ignored the schedule would drift
         loss1, logits1 = engine.train_step(m1, criterion, o1, x, y, "fp32", cpu)
@@ -42,7 +48,7 @@ def test_graphed_step_is_torch_sgd_with_its_schedule_and_momentum(nesterov):
         s1.step(), s2.step()
         assert torch.allclose(loss1, loss2, atol=1e-6) and torch.allclose(logits1, logits2, atol=1e-5)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        assert torch.allclose(p1, p2, atol=1e-6)
+        assert torch.allclose(p1, p2, atol=1e-6)  # a group's own weight decay (0 on batch norm) is applied
         # the momentum buffers live in the optimizer's state, so checkpoints and resumes see them
         assert torch.allclose(o1.state[p1]["momentum_buffer"], o2.state[p2]["momentum_buffer"], atol=1e-6)
     assert torch.equal(m1[1].running_mean, m2[1].running_mean)

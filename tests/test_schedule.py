@@ -63,3 +63,37 @@ def test_warmup_from_zero_starts_at_rate_zero():
     optim = config.Optim(warmup_epochs=2, warmup_by="step_from_zero")
     factors = [build.lr_factor(s, 4, optim) for s in range(10)]
     assert factors == pytest.approx([0, 1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8, 1, 1])
+
+
+def official_lr(step, schedule):
+    """The authors' TF code, logit_adjustment/utils.py LearningRateSchedule with base 0.1: the step counts from 0,
+    lr_epoch = step / steps_per_epoch; linear from 0 to the first entry's epoch, then base * mult from each
+    (mult, start_epoch) with lr_epoch >= start_epoch."""
+    lr_epoch = step / STEPS_PER_EPOCH
+    mult, warmup_end = schedule[0]
+    lr = 0.1 * mult * lr_epoch / warmup_end
+    for mult, start in schedule:
+        if lr_epoch >= start:
+            lr = 0.1 * mult
+    return lr
+
+
+OFFICIAL = {  # utils.py dataset_mappings: (epochs, [(multiplier, epoch to start), ...])
+    "official_cifar10.yaml": (1241, [(1.0, 20), (0.1, 604), (0.01, 926), (0.001, 1128)]),
+    "official_cifar100.yaml": (1419, [(1.0, 22), (0.1, 691), (0.01, 1059), (0.001, 1290)]),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_official_schedule_is_the_tf_codes_step_by_step(recipe):
+    epochs, schedule = OFFICIAL[recipe]
+    assert config.build(config.CONFIG_DIR / recipe).train.epochs == epochs
+    lr = rates(recipe, epochs)
+    assert len(lr) == epochs * STEPS_PER_EPOCH and lr[0] == 0.0
+    around = [0, 1, 2, STEPS_PER_EPOCH, len(lr) - 1]
+    for _, start in schedule:  # the last steps before each boundary and the first after it
+        around += [start * STEPS_PER_EPOCH + d for d in (-2, -1, 0, 1)]
+    for step in around:
+        assert lr[step] == pytest.approx(official_lr(step, schedule), rel=1e-12, abs=1e-15), step
+    # and everywhere, to float rounding (0.1 x 0.1 x 0.1 is not 0.001 exactly)
+    assert lr == pytest.approx([official_lr(s, schedule) for s in range(len(lr))], rel=1e-12, abs=1e-15)

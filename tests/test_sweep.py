@@ -168,6 +168,32 @@ def test_gpu_job_packs_every_run_without_checkpoints(tmp_path, fake_root):
     assert not any(n.endswith(".pt") for n in names)
 
 
+def test_gpu_job_continues_runs_from_the_archive_it_packed_with_checkpoints(tmp_path, fake_root):
+    """CHECKPOINTS=1 packs each run's checkpoint; RESUME_FROM, on a fresh work folder (a new machine), unpacks it
+    and the sweep resumes the run instead of starting it over: a run longer than one GPU command."""
+    import tarfile
+
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "LOSSES": "la", "PYTHON": sys.executable,
+           "EXTRA": " ".join(TINY_EXTRA), "CHECKPOINTS": "1"}
+    job = lambda name, **more: run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False, timeout=180,
+                                   env={**env, "WORK": str(tmp_path / name), "ARCHIVE_DIR": str(tmp_path / name / "out"),
+                                        **more})
+    assert job("first", EPOCHS="1").returncode == 0
+    first = tmp_path / "first" / "out" / "results.tar.gz"
+    with tarfile.open(first) as tar:
+        assert {"./runs/rho10_la_s0/checkpoint.pt", "./runs/rho10_la_s0/provenance.json"} <= set(tar.getnames())
+    second = job("second", EPOCHS="2", RESUME_FROM=str(first))
+    assert second.returncode == 0 and "rho10_la_s0: training (--resume)" in second.stdout
+    with tarfile.open(tmp_path / "second" / "out" / "results.tar.gz") as tar:
+        lines = tar.extractfile("./runs/rho10_la_s0/metrics.jsonl").read().decode().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]  # epoch 1 from the first call, epoch 2 resumed
+    plain = tmp_path / "plain.tar.gz"
+    with tarfile.open(plain, "w:gz") as tar:
+        tar.add(tmp_path / "first" / "job.log", "./job.log")
+    refused = job("third", RESUME_FROM=str(plain))
+    assert refused.returncode == 2 and "holds no checkpoint (was it packed with CHECKPOINTS=1?)" in refused.stderr
+
+
 def test_gpu_job_without_data_says_so(tmp_path):
     proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False,
                env={"ARCHIVE_DIR": str(tmp_path / "out"), "DATA_ROOT": str(tmp_path / "nothing")})
