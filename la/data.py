@@ -24,6 +24,9 @@ LAYOUT = {
 }
 
 
+FILE_DATASETS = ("folder", "list")  # image files (la/folder.py), not CIFAR pickles
+
+
 def num_classes(dataset):
     return LAYOUT[dataset][4]
 
@@ -193,6 +196,10 @@ def prepare(data_cfg, allow_empty_classes=False):
     A rho that leaves a class without training images is an error, unless allow_empty_classes (eval.py, for runs
     trained before it was).
     """
+    if data_cfg.dataset in FILE_DATASETS:
+        from la import folder
+
+        return folder.prepare(data_cfg)
     x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
     n_classes = num_classes(data_cfg.dataset)
     n_max = len(y) // n_classes
@@ -265,11 +272,11 @@ def crop_flip(x, offsets, flips):
 
 
 class Normalize:
-    """uint8 -> float, CIFAR mean/std, in the memory format the model wants."""
+    """uint8 -> float, CIFAR's mean/std unless told others, in the memory format the model wants."""
 
-    def __init__(self, device, channels_last):
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+    def __init__(self, device, channels_last, mean=MEAN, std=STD):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x):
@@ -373,6 +380,11 @@ class TorchvisionLoader:
 def make_loader(cfg, splits, ctx):
     """The training batches a recipe asks for (data.loader), this rank's share, on ctx's device."""
     dc, tc = cfg.data, cfg.train
+    if dc.dataset in FILE_DATASETS:
+        from la import folder
+
+        return folder.FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
+                                   tc.channels_last, dc.augment, dc.workers)
     kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
     extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
     return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,

@@ -182,18 +182,21 @@ def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
 
 @torch.no_grad()
 def compute_logits(model, x, rt, batch_size=1024, features=False):
-    """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU, at the Runtime rt's device, precision and
+    """fp32 logits of a uint8 N x 3 x 32 x 32 array (or a la.folder.ImageList), in order, on the CPU, at the Runtime rt's device, precision and
     memory format; with features=True also the penultimate features (what the classifier `model.fc` reads), as
     (logits, features)."""
     model.eval()
-    normalize = data.Normalize(rt.device, rt.channels_last)
-    x = torch.as_tensor(x)
+    if hasattr(x, "eval_batches"):  # la.folder.ImageList: decoded from files as it goes
+        normalize, chunks = data.Normalize(rt.device, rt.channels_last, x.mean, x.std), x.eval_batches(batch_size, rt.device)
+    else:
+        x, normalize = torch.as_tensor(x), data.Normalize(rt.device, rt.channels_last)
+        chunks = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
     out, feats = [], []
     hook = features and model.fc.register_forward_pre_hook(lambda module, args: feats.append(args[0].float().cpu()))
     try:
-        for i in range(0, len(x), batch_size):
+        for chunk in chunks:
             with rt.autocast():
-                out.append(model(normalize(x[i:i + batch_size].to(rt.device))).float().cpu())
+                out.append(model(normalize(chunk.to(rt.device))).float().cpu())
     finally:
         if hook:
             hook.remove()
