@@ -318,44 +318,49 @@ class TensorLoader:
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """This rank's indices of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
+    """This rank's (epoch, index) items of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
 
-    def __init__(self, plan, rank, world_size):
-        self.indices = [int(i) for b in plan for i in shard(b, rank, world_size)]
+    def __init__(self, plan, rank, world_size, epoch):
+        self.items = [(epoch, int(i)) for b in plan for i in shard(b, rank, world_size)]
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.items)
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.items)
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x, y, transform
+    """PIL's pad-4 crop and flip of image i in epoch e at augment_params(n, seed, e)[i], the tensor loader's own
+    draw: keyed to (seed, epoch, index), so neither the worker count nor a mid-epoch resume changes a batch."""
+
+    def __init__(self, x, y, seed, augment):
+        self.x, self.y, self.seed, self.augment = x, y, seed, augment
+        self.epoch, self.params = None, None
 
     def __len__(self):
         return len(self.y)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        import torchvision.transforms.functional as F
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.x[i].transpose(1, 2, 0))), int(self.y[i])
-
-
-def reference_transform(augment=True):
-    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, 4), flip, ToTensor, Normalize."""
-    import torchvision.transforms as T
-
-    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+        epoch, i = item
+        image = Image.fromarray(self.x[i].transpose(1, 2, 0))
+        if self.augment:
+            if epoch != self.epoch:  # once per epoch in each worker
+                self.epoch, self.params = epoch, augment_params(len(self.y), self.seed, epoch)
+            (top, left), flip = self.params[0][i].tolist(), bool(self.params[1][i])
+            image = F.crop(F.pad(image, 4), top, left, 32, 32)
+            image = F.hflip(image) if flip else image
+        return F.normalize(F.to_tensor(image), MEAN, STD), int(self.y[i])
 
 
 class TorchvisionLoader:
-    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices per epoch."""
+    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices and crops per epoch."""
 
     def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
-        self.dataset = _ArrayDataset(x, y, reference_transform(augment))
+        self.dataset = _ArrayDataset(x, y, seed, augment)
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(y), batch_size, rank, world_size, seed
         self.device, self.workers = device, workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -368,10 +373,9 @@ class TorchvisionLoader:
         if not plan:
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size // self.world_size, sampler=_PlanSampler(plan, self.rank, self.world_size),
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            generator=epoch_generator(self.seed, epoch),  # seeds the workers' PIL augmentation
-        )
+            self.dataset, batch_size=self.batch_size // self.world_size,
+            sampler=_PlanSampler(plan, self.rank, self.world_size, epoch),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
         # the last batch may be shorter; the sampler already holds whole per-rank batches, so this stays aligned
         for x, y in loader:
             yield x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format), y.to(self.device)
