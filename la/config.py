@@ -63,6 +63,7 @@ class Optim:
     warmup_epochs: int = 5          # linear warm-up to lr over this many epochs
     warmup_by: str = "step"         # step: lr (s+1)/N at step s of N warm-up steps | epoch: lr (e+1)/W through epoch e,
                                     # as LDAM-DRW's cifar_train.py | step_from_zero: lr s/N, as the authors' TF code
+    schedule: str = "step"          # after warm-up: step (x gamma at each of milestones) | cosine (to 0 at train.epochs)
     milestones: list = field(default_factory=lambda: [160, 180])
     gamma: float = 0.1
 
@@ -111,6 +112,7 @@ CHOICES = {
     "model.name": ("resnet32", "resnet34", "resnet50"),
     "loss.name": ("ce", "la", "ldam"),
     "optim.warmup_by": ("step", "epoch", "step_from_zero"),
+    "optim.schedule": ("step", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -208,6 +210,8 @@ def validate(cfg):
         (optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (optim.milestones == sorted(set(optim.milestones)) and min(optim.milestones, default=0) >= 0,
          f"optim.milestones must be increasing epochs >= 0, got {optim.milestones}"),
+        (optim.schedule == "step" or not optim.milestones,
+         f"optim.milestones {optim.milestones} are for optim.schedule=step; with cosine pass optim.milestones=[]"),
     ]
     for ok, message in checks:
         if not ok:
