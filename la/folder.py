@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
 
@@ -189,8 +190,6 @@ class _Images(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, item):
-        import torchvision.transforms.functional as F
-
         epoch, i = item
         im = _decode(self.paths[i])
         if epoch is None:
