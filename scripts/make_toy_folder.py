@@ -3,7 +3,7 @@
     python scripts/make_toy_folder.py toy --classes 5 --head 60 --rho 20
     python train.py --dataset folder --data-root toy --set data.image_size=32 --epochs 2 --out runs/toy
 
-Each class is a colour plus noise (learnable in a few steps); training counts follow the exponential profile
+Each class is a colour and a stripe period plus noise (learnable in a few steps); training counts follow the exponential profile
 head * rho^(-i/(C-1)), the test set is balanced. Images are PNG (lossless, so the files are exactly reproducible).
 """
 import argparse
@@ -19,6 +19,9 @@ def make(root, classes=5, head=60, rho=20.0, test_per_class=10, size=32, seed=0,
 
     rng = np.random.RandomState(seed)
     colors = rng.randint(30, 226, size=(classes, 3))
+    # and horizontal stripes of a class's own period: a colour alone is mostly what batch norm subtracts
+    rows = np.arange(size)[:, None, None]
+    stripes = [60 * np.sign(np.sin(2 * np.pi * rows / (3 + 2 * c))) for c in range(classes)]
     counts = [max(1, int(head * rho ** (-i / max(classes - 1, 1)))) for i in range(classes)]
     for split, per in (("train", counts), ("test", [test_per_class] * classes)):
         for c, n in enumerate(per):
@@ -26,7 +29,7 @@ def make(root, classes=5, head=60, rho=20.0, test_per_class=10, size=32, seed=0,
             d.mkdir(parents=True, exist_ok=True)
             for k in range(n):
                 noise = rng.randint(-30, 31, size=(size, size, 3))
-                px = np.clip(colors[c] + noise, 0, 255).astype(np.uint8)
+                px = np.clip(colors[c] + stripes[c] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(px).save(d / f"{k:05d}.{fmt}")
     return counts
 
