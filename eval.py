@@ -116,7 +116,7 @@ def run_checkpoint(ckpt_path, run_dir, args, ctx):
     splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
     if ckpt.get("split_manifest") not in (None, splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
-    model = build.model(cfg, data.num_classes(cfg.data.dataset), ctx.device, training=False)
+    model = build.model(cfg, len(splits.counts), ctx.device, training=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

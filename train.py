@@ -81,10 +81,12 @@ def describe(cfg, splits, t, ctx):
     bn = f", batch norm over {cfg.model.bn_batch} images" if cfg.model.bn_batch else ""
     tau = f" tau={cfg.loss.tau:g}" if cfg.loss.name == "la" else ""
     drw = f" (re-weighted from epoch {cfg.loss.drw_epoch + 1})" if cfg.loss.drw else ""
-    return (f"{cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile}), {len(splits.train_y)} train / "
+    files = cfg.data.dataset in data.FILE_DATASETS
+    source = f"{cfg.data.dataset} {cfg.data.root}" if files else f"{cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile})"
+    return (f"{source}, {len(splits.train_y)} train / "
             f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
             f"({models.num_params(t.raw_model) / 1e6:.2f}M params{bn}), loss={config.method_name(cfg.loss)}{tau}{drw}; "
-            f"{ctx.world_size} x {ctx.device.type}, {t.runtime.describe()}, {cfg.data.loader} loader, "
+            f"{ctx.world_size} x {ctx.device.type}, {t.runtime.describe()}, {'image-file' if files else cfg.data.loader} loader, "
             f"global batch {cfg.train.batch_size}")
 
 

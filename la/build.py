@@ -7,6 +7,7 @@ so that a fix made here (compiling with static shapes, batch-norm groups, the co
 caller at once.
 """
 import fnmatch
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -19,14 +20,18 @@ from la import UserError, autotune, checkpoint, engine, losses, models
 from la.runtime import Runtime, recorded_runtime
 
 
-def lr_factor(step, steps_per_epoch, optim):
+def lr_factor(step, steps_per_epoch, optim, epochs=None):
     """The learning rate of step `step` (counted from 0) as a fraction of optim.lr: a linear warm-up over
-    warmup_epochs (per step or per epoch: optim.warmup_by), then x gamma at each milestone epoch reached."""
+    warmup_epochs (per step or per epoch: optim.warmup_by), then optim.schedule: 'step', x gamma at each milestone
+    epoch reached; 'cosine', (1 + cos(pi t)) / 2 with t the fraction of the post-warm-up steps of `epochs` done."""
     epoch = step // steps_per_epoch
     if epoch < optim.warmup_epochs:
         if optim.warmup_by == "epoch":
             return (epoch + 1) / optim.warmup_epochs
         return (step + (optim.warmup_by == "step")) / (optim.warmup_epochs * steps_per_epoch)
+    if optim.schedule == "cosine":
+        done = step - optim.warmup_epochs * steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * done / max(1, (epochs - optim.warmup_epochs) * steps_per_epoch)))
     return optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
@@ -68,7 +73,7 @@ def optimizer(cfg, net):
 
 def scheduler(cfg, opt, steps_per_epoch):
     """The recipe's learning-rate schedule, stepped once per training step (lr_factor)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg.optim))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, cfg.optim, cfg.train.epochs))
 
 
 def compiled(net, tc):

@@ -19,15 +19,20 @@ DEFAULT_CONFIG = CONFIG_DIR / "paper_cifar10.yaml"
 
 @dataclass
 class Data:
-    dataset: str = "cifar10"        # cifar10 | cifar100
+    dataset: str = "cifar10"        # cifar10 | cifar100 | folder (ROOT/train, test, val/<class>/) | list (list files)
     root: str = "./data"            # overridden by $LA_DATA_ROOT, then --data-root
+    train_list: str = ""            # list: 'relative/path label' lines or an iNaturalist JSON, relative to root
+    val_list: str = ""              # list: optional; without it a validation split is carved from training
+    test_list: str = ""
+    image_size: int = 224           # folder/list: RandomResizedCrop size in training; resize / 0.875 + centre crop in eval
     download: bool = True           # fetch with torchvision's downloader when absent
     profile: str = "exp"            # exp | step
     rho: float = 100.0              # imbalance ratio n_max / n_min, >= 1
     subset_seed: int = 0            # LDAM-DRW's rand_number: which images form the subset
-    val_per_class: int = 20         # balanced validation split from the unused images; 0 disables
+    val_per_class: int = 20         # balanced validation split from the unused images (folder/list: from training,
+                                    # at most half a class); 0 disables
     loader: str = "tensor"          # tensor (uint8 on device, batched aug) | torchvision (reference)
-    workers: int = 2                # DataLoader workers, torchvision loader only
+    workers: int = 2                # DataLoader workers: torchvision loader, folder and list datasets
     augment: bool = True            # random crop (padded by crop_pad) + horizontal flip
     crop_pad: int = 4               # pixels of padding on each side before the random 32x32 crop (the authors' TF code: 2)
     normalize: str = "mean_std"     # mean_std: CIFAR's per-channel mean and std, padding black pixels | center: x/255 - 0.5,
@@ -38,6 +43,7 @@ class Data:
 @dataclass
 class Model:
     name: str = "resnet32"          # resnet32 | resnet32_tf (the authors' TF code's bottleneck ResNet-32) | resnet34
+                                    # (CIFAR variant) | resnet50 (torchvision's, ImageNet stem)
     bn_batch: int = 0               # images per batch-norm group in training; 0: each process's whole batch.
                                     # 16 normalises as 8 GPUs x 16 without SyncBN do (the seed's 8 x 16), on one device
 
@@ -64,6 +70,7 @@ class Optim:
     warmup_epochs: int = 5          # linear warm-up to lr over this many epochs
     warmup_by: str = "step"         # step: lr (s+1)/N at step s of N warm-up steps | epoch: lr (e+1)/W through epoch e,
                                     # as LDAM-DRW's cifar_train.py | step_from_zero: lr s/N, as the authors' TF code
+    schedule: str = "step"          # after warm-up: step (x gamma at each of milestones) | cosine (to 0 at train.epochs)
     milestones: list = field(default_factory=lambda: [160, 180])
     gamma: float = 0.1
 
@@ -106,13 +113,14 @@ FLAG_KEYS = {
 }
 
 CHOICES = {
-    "data.dataset": ("cifar10", "cifar100"),
+    "data.dataset": ("cifar10", "cifar100", "folder", "list"),
     "data.profile": ("exp", "step"),
     "data.loader": ("tensor", "torchvision"),
     "data.normalize": ("mean_std", "center"),
-    "model.name": ("resnet32", "resnet32_tf", "resnet34"),
+    "model.name": ("resnet32", "resnet32_tf", "resnet34", "resnet50"),
     "loss.name": ("ce", "la", "ldam"),
     "optim.warmup_by": ("step", "epoch", "step_from_zero"),
+    "optim.schedule": ("step", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -191,6 +199,7 @@ def validate(cfg):
         (cfg.data.val_per_class >= 0, "data.val_per_class must be >= 0"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (0 <= cfg.data.crop_pad <= 16, "data.crop_pad must be in 0..16"),
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.model.bn_batch >= 0, "model.bn_batch must be >= 0 (0: the whole batch)"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -211,6 +220,8 @@ def validate(cfg):
         (optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (optim.milestones == sorted(set(optim.milestones)) and min(optim.milestones, default=0) >= 0,
          f"optim.milestones must be increasing epochs >= 0, got {optim.milestones}"),
+        (optim.schedule == "step" or not optim.milestones,
+         f"optim.milestones {optim.milestones} are for optim.schedule=step; with cosine pass optim.milestones=[]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -262,6 +273,8 @@ def format_rho(rho):
 
 
 def default_run_dir(cfg):
+    if cfg.data.dataset in ("folder", "list"):
+        return Path("runs") / f"{Path(cfg.data.root).name or cfg.data.dataset}_{method_name(cfg.loss)}_s{cfg.train.seed}"
     return Path("runs") / f"{cfg.data.dataset}-lt_rho{format_rho(cfg.data.rho)}_{method_name(cfg.loss)}_s{cfg.train.seed}"
 
 

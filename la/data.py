@@ -24,6 +24,9 @@ LAYOUT = {
 }
 
 
+FILE_DATASETS = ("folder", "list")  # image files (la/folder.py), not CIFAR pickles
+
+
 def num_classes(dataset):
     return LAYOUT[dataset][4]
 
@@ -202,6 +205,10 @@ def prepare(data_cfg, allow_empty_classes=False):
     A rho that leaves a class without training images is an error, unless allow_empty_classes (eval.py, for runs
     trained before it was).
     """
+    if data_cfg.dataset in FILE_DATASETS:
+        from la import folder
+
+        return folder.prepare(data_cfg)
     x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
     n_classes = num_classes(data_cfg.dataset)
     n_max = len(y) // n_classes
@@ -277,16 +284,17 @@ def crop_flip(x, offsets, flips, pad=4):
 
 
 class Normalize:
-    """uint8 -> float in the memory format the model wants, as data.normalize says: 'mean_std', CIFAR's per-channel
-    mean and std; 'center', x * (1 / 255) - 0.5, the authors' TF code's scaling (logit_adjustment/utils.py).
+    """uint8 -> float in the memory format the model wants, as data.normalize says: 'mean_std', per-channel mean and
+    std (CIFAR's unless told others: a folder dataset passes ImageNet's); 'center', x * (1 / 255) - 0.5, the authors'
+    TF code's scaling (logit_adjustment/utils.py).
 
     `scales_first`: augmentation pads the scaled image (with zeros, a mid-grey pixel), as that TF code pads after
     scaling; otherwise it pads the uint8 image with black pixels, as torchvision's RandomCrop pads a PIL image."""
 
-    def __init__(self, device, channels_last, kind="mean_std"):
+    def __init__(self, device, channels_last, kind="mean_std", mean=MEAN, std=STD):
         self.kind, self.scales_first = kind, kind == "center"
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x):
@@ -342,48 +350,54 @@ class TensorLoader(_Planned):
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """This rank's indices of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
+    """This rank's (epoch, index) items of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
 
-    def __init__(self, plan, rank, world_size):
-        self.indices = [int(i) for b in plan for i in shard(b, rank, world_size)]
+    def __init__(self, plan, rank, world_size, epoch):
+        self.items = [(epoch, int(i)) for b in plan for i in shard(b, rank, world_size)]
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.items)
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.items)
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y, transform):
-        self.x, self.y, self.transform = x, y, transform
+    """torchvision's crop (padded by `pad`) and flip of image i in epoch e at augment_params(n, seed, e, pad)[i], the
+    tensor loader's own draw: keyed to (seed, epoch, index), so neither the worker count nor a mid-epoch resume
+    changes a batch. Padding adds zeros: black pixels, or with normalize='center' (scaled first, as the authors' TF
+    code does) mid-grey ones, as the tensor loader pads."""
+
+    def __init__(self, x, y, seed, augment, pad=4, normalize="mean_std"):
+        self.x, self.y, self.seed, self.augment, self.pad, self.normalize = x, y, seed, augment, pad, normalize
+        self.epoch, self.params = None, None
 
     def __len__(self):
         return len(self.y)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        import torchvision.transforms.functional as F
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.x[i].transpose(1, 2, 0))), int(self.y[i])
-
-
-def reference_transform(augment=True, crop_pad=4, normalize="mean_std"):
-    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, crop_pad), flip, ToTensor, Normalize(MEAN, STD); with
-    normalize='center', ToTensor, x - 0.5, then the crop (padding zeros of the scaled image) and flip."""
-    import torchvision.transforms as T
-
-    aug = [T.RandomCrop(32, padding=crop_pad), T.RandomHorizontalFlip()] if augment else []
-    if normalize == "center":
-        return T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (1.0,) * 3)] + aug)
-    return T.Compose(aug + [T.ToTensor(), T.Normalize(MEAN, STD)])
+        epoch, i = item
+        x = F.to_tensor(Image.fromarray(self.x[i].transpose(1, 2, 0)))
+        if self.normalize == "center":
+            x = x - 0.5
+        if self.augment:
+            if epoch != self.epoch:  # once per epoch in each worker
+                self.epoch, self.params = epoch, augment_params(len(self.y), self.seed, epoch, self.pad)
+            (top, left), flip = self.params[0][i].tolist(), bool(self.params[1][i])
+            x = F.crop(F.pad(x, [self.pad]), top, left, 32, 32)
+            x = F.hflip(x) if flip else x
+        return (F.normalize(x, MEAN, STD) if self.normalize == "mean_std" else x), int(self.y[i])
 
 
 class TorchvisionLoader(_Planned):
-    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices per epoch."""
+    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices and crops per epoch."""
 
     def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, crop_pad=4,
                  normalize="mean_std", drop_last=False, workers=2):
-        self.dataset = _ArrayDataset(x, y, reference_transform(augment, crop_pad, normalize))
+        self.dataset = _ArrayDataset(x, y, seed, augment, crop_pad, normalize)
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(y), batch_size, rank, world_size, seed
         self.device, self.workers, self.drop_last = device, workers, drop_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -393,10 +407,9 @@ class TorchvisionLoader(_Planned):
         if not plan:
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size // self.world_size, sampler=_PlanSampler(plan, self.rank, self.world_size),
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            generator=epoch_generator(self.seed, epoch),  # seeds the workers' PIL augmentation
-        )
+            self.dataset, batch_size=self.batch_size // self.world_size,
+            sampler=_PlanSampler(plan, self.rank, self.world_size, epoch),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
         # the last batch may be shorter; the sampler already holds whole per-rank batches, so this stays aligned
         for x, y in loader:
             yield x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format), y.to(self.device)
@@ -405,6 +418,11 @@ class TorchvisionLoader(_Planned):
 def make_loader(cfg, splits, ctx):
     """The training batches a recipe asks for (data.loader), this rank's share, on ctx's device."""
     dc, tc = cfg.data, cfg.train
+    if dc.dataset in FILE_DATASETS:
+        from la import folder
+
+        return folder.FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
+                                   tc.channels_last, dc.augment, dc.workers)
     kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
     extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
     return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,

@@ -183,18 +183,23 @@ def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
 
 @torch.no_grad()
 def compute_logits(model, x, rt, batch_size=1024, features=False, normalize="mean_std"):
-    """fp32 logits of a uint8 N x 3 x 32 x 32 array, in order, on the CPU, at the Runtime rt's device, precision and
-    memory format, its input scaled as data.normalize `normalize` says (the run's own); with features=True also the
-    penultimate features (what the classifier `model.fc` reads), as (logits, features)."""
+    """fp32 logits of a uint8 N x 3 x 32 x 32 array (or a la.folder.ImageList), in order, on the CPU, at the Runtime
+    rt's device, precision and memory format, an array's input scaled as data.normalize `normalize` says (the run's
+    own); with features=True also the penultimate features (what the classifier `model.fc` reads), as
+    (logits, features)."""
     model.eval()
-    normalize = data.Normalize(rt.device, rt.channels_last, normalize)
-    x = torch.as_tensor(x)
+    if hasattr(x, "eval_batches"):  # la.folder.ImageList: decoded from files as it goes
+        normalize = data.Normalize(rt.device, rt.channels_last, mean=x.mean, std=x.std)
+        chunks = x.eval_batches(batch_size, rt.device)
+    else:
+        x, normalize = torch.as_tensor(x), data.Normalize(rt.device, rt.channels_last, normalize)
+        chunks = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
     out, feats = [], []
     hook = features and model.fc.register_forward_pre_hook(lambda module, args: feats.append(args[0].float().cpu()))
     try:
-        for i in range(0, len(x), batch_size):
+        for chunk in chunks:
             with rt.autocast():
-                out.append(model(normalize(x[i:i + batch_size].to(rt.device))).float().cpu())
+                out.append(model(normalize(chunk.to(rt.device))).float().cpu())
     finally:
         if hook:
             hook.remove()

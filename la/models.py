@@ -154,7 +154,14 @@ def resnet34_cifar(num_classes):
     return model
 
 
-MODELS = {"resnet32": resnet32, "resnet32_tf": resnet32_tf, "resnet34": resnet34_cifar}
+def resnet50(num_classes):
+    """torchvision's ResNet-50 as it is (7x7 stride-2 stem, max-pool), for 224 x 224 images."""
+    import torchvision
+
+    return torchvision.models.resnet50(num_classes=num_classes)
+
+
+MODELS = {"resnet32": resnet32, "resnet32_tf": resnet32_tf, "resnet34": resnet34_cifar, "resnet50": resnet50}
 
 
 class CosineClassifier(nn.Module):

@@ -6,6 +6,7 @@
     python scripts/bench.py --concurrent 1 2 4 8            # aggregate (b) of K runs training at once
     python scripts/bench.py --model resnet34 --bn-batch 16  # the seed recipe's network and batch norm
     python scripts/bench.py --config configs/official_cifar10.yaml  # the authors' TF recipe: network, inputs, epochs
+    python scripts/bench.py --dataset folder --model resnet50 --workers 8   # your own images (la/folder.py)
 
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
     2 DataLoader workers (la.data.TorchvisionLoader).
@@ -25,6 +26,10 @@ Each figure is the median of timed windows after warm-up. Windows run on across 
 per-epoch costs (a new permutation, the reference's DataLoader worker start-up) land in the windows
 that meet them; the median then shows the steady state, and 'overall' (all windows' images / all
 windows' seconds) keeps those costs in.
+
+--dataset folder measures instead the image-file path (la.folder.FolderLoader) on generated 256 x 256 JPEGs:
+the loader alone (decode, RandomResizedCrop, flip, batching) in the main process (0 workers: one core's rate) and
+with --workers DataLoader workers, then train.py's loop fed by it (fp32, uncompiled).
 """
 import argparse
 import dataclasses
@@ -78,7 +83,12 @@ def parse_args(argv):
                    help="also measure (b) at every fixed precision and compile setting (auto: on a CPU)")
     p.add_argument("--concurrent", type=int, nargs="+", metavar="K", help="instead: K runs at once, for each K given")
     p.add_argument("--skip-reference", action="store_true", help="do not measure (a)")
-    p.add_argument("--json", help="default: results/bench_{device}.json")
+    p.add_argument("--dataset", choices=("cifar", "folder"), default="cifar",
+                   help="folder: the image-file loader on generated JPEGs instead of the figures above")
+    p.add_argument("--images", type=int, default=512, help="--dataset folder: how many JPEGs to generate")
+    p.add_argument("--image-size", type=int, default=224, help="--dataset folder: data.image_size (the crop)")
+    p.add_argument("--workers", type=int, default=2, help="--dataset folder: DataLoader workers, besides 0")
+    p.add_argument("--json", help="default: results/bench_{device}.json (--dataset folder: bench_folder_{device}.json)")
     args = p.parse_args(argv)
     if min(args.windows, args.window_steps, args.batch_size, *(args.concurrent or [1])) < 1 or min(args.warmup_steps, args.bn_batch) < 0:
         p.error("--windows, --window-steps, --batch-size and --concurrent must be >= 1, --warmup-steps and --bn-batch >= 0")
@@ -239,6 +249,69 @@ def grid(ctx, args):
     return [(p, c) for p in precs for c in compiles]
 
 
+# ---------------------------------------------------------------- --dataset folder
+
+def folder_splits(args, cfg, root):
+    """Generated 256 x 256 JPEGs under root, in a 10-class long-tailed folder, read as train.py reads one."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_toy_folder
+
+    make_toy_folder.make(root, classes=10, head=max(1, args.images * 10 // 39), rho=10, test_per_class=1, size=256,
+                         fmt="jpg")  # exp profile at rho 10: 3.9 x head images
+    return data.prepare(dataclasses.replace(cfg.data, dataset="folder", root=str(root), image_size=args.image_size,
+                                            val_per_class=0))
+
+
+def bench_folder(args, cfg, device):
+    """{figure: measure(...)}: the loader alone at 0 and args.workers workers, and train.py's loop it feeds."""
+    import tempfile
+
+    from la import folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = folder_splits(args, cfg, Path(tmp))
+        make = lambda workers: folder.FolderLoader(splits.train_x, args.batch_size, 0, 1, cfg.train.seed, device,
+                                                    True, True, workers)
+        batches, cpu = endless(make(0)), time.process_time()
+        decoded = sum(len(y) for _, y in itertools.islice(batches, args.windows * args.window_steps))
+        per_core = decoded / (time.process_time() - cpu)  # CPU seconds, not wall: a busy machine does not lower it
+        batches.close()
+        figures = {}
+        for workers in sorted({0, args.workers}):
+            batches = endless(make(workers))
+            figures[f"loader_{workers}_workers"] = measure(lambda n: sum(len(y) for _, y in itertools.islice(batches, n)),
+                                                           args, device)
+            batches.close()
+        ctx = {"cfg": cfg, "device": device, "y": splits.train_y, "n_classes": len(splits.counts)}
+        loader = make(args.workers)
+        t = training(ctx, loader, "fp32", False, False)
+        batches = endless(loader)
+        figures["train"] = measure(loop(t, batches, device), args, device)
+        batches.close()
+    return figures, per_core, len(splits.train_y)
+
+
+def folder_main(args, cfg, device):
+    figures, per_core, n = bench_folder(args, cfg, device)
+    res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
+           "data": f"generated 256 x 256 JPEGs (quality 75, colour + noise), {n} images, crop {args.image_size}",
+           "dataset": "folder", "train_images": n, "model": cfg.model.name, "batch_size": args.batch_size,
+           "workers": args.workers, "windows": args.windows, "window_steps": args.window_steps,
+           "warmup_steps": args.warmup_steps, "figures": figures,
+           "per_core_decode_img_per_s": per_core, "per_core_source": "loader alone, 0 workers: images / CPU seconds "
+           "of the process (decode, RandomResizedCrop, flip, uint8 tensor, collate)"}
+    print(f"\n{res['machine']['device_name']}, {res['data']}; {cfg.model.name}, batch {args.batch_size}")
+    for name, fig in figures.items():
+        print(f"{name:20s} {fig['img_per_s']:9.1f} img/s (overall {fig['overall_img_per_s']:.1f})")
+    print(f"one core decodes and augments {per_core:.1f} img/s (per CPU second): a GPU training at R img/s needs "
+          f"about R / {per_core:.1f} such cores")
+    out = Path(args.json or f"results/bench_folder_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------- K runs at once
 
 def _concurrent_worker(i, spec, barrier, results):
@@ -376,6 +449,8 @@ def main(argv):
                                   ("train.batch_size", str(args.batch_size)), ("train.precision", args.precision),
                                   ("train.compile", args.compile), ("train.cuda_graph", args.cuda_graph),
                                   ("train.compile_mode", args.compile_mode), ("model.bn_batch", str(args.bn_batch))])
+    if args.dataset == "folder":
+        return folder_main(args, cfg, device)
     x, y, source = train_set(cfg, args.synthetic)
     n_classes = data.num_classes(cfg.data.dataset)
     ctx = {"cfg": cfg, "device": device, "x": x, "y": y, "n_classes": n_classes}

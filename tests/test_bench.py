@@ -1,9 +1,12 @@
 """scripts/bench.py end to end on synthetic data, with windows too small to mean anything but fast."""
 import json
+import sys
 
 import pytest
 
 from conftest import REPO, run
+
+sys.path.insert(0, str(REPO / "scripts"))
 
 FAST = ["--device", "cpu", "--synthetic", "--compile", "false", "--batch-size", "16", "--windows", "2", "--window-steps", "2",
         "--warmup-steps", "1"]
@@ -41,3 +44,16 @@ def test_bench_concurrent_runs_report_aggregate_rates(tmp_path):
         # each run trained 2 x 2 steps of 16 images inside the span the aggregate is taken over
         assert 0 < max(row["per_run_img_per_s"]) and row["aggregate_img_per_s"] <= sum(row["per_run_img_per_s"]) * 1.0001
         assert row["full_runs_per_hour"] == pytest.approx(row["aggregate_img_per_s"] * 3600 / (12386 * 200))
+
+
+def test_bench_folder_times_the_loader_alone_and_training_on_generated_jpegs(tmp_path):
+    import bench  # in this process: a second interpreter would double the test's time
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--dataset", "folder", "--images", "40", "--image-size", "32", "--batch-size", "8",
+                       "--windows", "2", "--window-steps", "1", "--warmup-steps", "0", "--workers", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["figures"]) == {"loader_0_workers", "loader_1_workers", "train"}
+    assert res["train_images"] == sum(int(10 * 10 ** (-i / 9)) for i in range(10))  # make_toy_folder's profile
+    assert all(len(f["windows"]) == 2 and f["img_per_s"] > 0 for f in res["figures"].values())
+    assert res["per_core_decode_img_per_s"] > 0 and res["model"] == "resnet32"

@@ -200,3 +200,22 @@ def test_tensor_and_torchvision_loaders_agree_in_pixel_statistics(fake_root):
     y_fast = torch.cat([y for _, y in data.TensorLoader(s.train_x, s.train_y, **kw).batches(0)])
     y_ref = torch.cat([y for _, y in data.TorchvisionLoader(s.train_x, s.train_y, workers=0, **kw).batches(0)])
     assert torch.equal(y_fast, y_ref)
+
+
+def test_torchvision_loader_is_keyed_to_seed_epoch_index(fake_root):
+    """Issue 25 item 5: workers seeded alike on every rank, and a resume re-dealing batches to workers, changed the
+    crops; now each image's crop and flip is the tensor loader's draw for (seed, epoch, index)."""
+    s = data.prepare(data_cfg(fake_root, rho=10, val_per_class=0))
+    kw = dict(batch_size=32, seed=3, device=torch.device("cpu"), channels_last=False)
+    fast = list(data.TensorLoader(s.train_x, s.train_y, rank=0, world_size=1, **kw).batches(1))
+    whole = list(data.TorchvisionLoader(s.train_x, s.train_y, rank=0, world_size=1, workers=0, **kw).batches(1))
+    rank1 = list(data.TorchvisionLoader(s.train_x, s.train_y, rank=1, world_size=2, workers=0, **kw).batches(1))
+    resumed = list(data.TorchvisionLoader(s.train_x, s.train_y, rank=1, world_size=2, workers=2, **kw).batches(1, 2))
+    assert len(fast) == len(whole) > 3
+    for (xf, yf), (xw, yw) in zip(fast, whole):  # the same pixels as the tensor loader, to rounding
+        assert torch.equal(yf, yw) and torch.allclose(xf, xw, atol=1e-5)
+    for (xw, yw), (xr, yr) in zip(whole, rank1):  # rank 1 takes the second half of each global batch
+        assert torch.equal(yw[len(yw) - len(yr):], yr) and torch.equal(xw[len(yw) - len(yr):], xr)
+    assert len(resumed) == len(rank1) - 2  # resumed at step 2 with two workers: the same batches
+    for (x1, y1), (xr, yr) in zip(rank1[2:], resumed):
+        assert torch.equal(y1, yr) and torch.equal(x1, xr)

@@ -1,9 +1,11 @@
 """The recipes' learning-rate schedules, step by step through the scheduler train.py builds, against each source's
 own formula written out here (not la.build's)."""
+import math
+
 import pytest
 import torch
 
-from la import build, config
+from la import UserError, build, config
 
 STEPS_PER_EPOCH = 7  # any count: the formulas below are per epoch or per step of it
 
@@ -97,3 +99,29 @@ def test_official_schedule_is_the_tf_codes_step_by_step(recipe):
         assert lr[step] == pytest.approx(official_lr(step, schedule), rel=1e-12, abs=1e-15), step
     # and everywhere, to float rounding (0.1 x 0.1 x 0.1 is not 0.001 exactly)
     assert lr == pytest.approx([official_lr(s, schedule) for s in range(len(lr))], rel=1e-12, abs=1e-15)
+
+
+def app_d_imagenet_lr(step, epochs=90):
+    """Menon et al. App. D (docs/reference.md): 5 epochs of linear warm-up to 0.4, then cosine decay to 0 at the end
+    of training, per step."""
+    warm = 5 * STEPS_PER_EPOCH
+    if step < warm:
+        return 0.4 * (step + 1) / warm
+    return 0.4 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (epochs * STEPS_PER_EPOCH - warm)))
+
+
+@pytest.mark.parametrize("recipe", ["imagenet_lt.yaml", "inat2018.yaml"])
+def test_imagenet_and_inaturalist_recipes_warm_up_then_decay_on_a_cosine(recipe):
+    lr = rates(recipe, 90)
+    n = 90 * STEPS_PER_EPOCH
+    for step in [0, 1, 5 * STEPS_PER_EPOCH - 1, 5 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH + 1, 30 * STEPS_PER_EPOCH,
+                 (n + 5 * STEPS_PER_EPOCH) // 2, 89 * STEPS_PER_EPOCH, n - 1]:
+        assert lr[step] == pytest.approx(app_d_imagenet_lr(step), rel=1e-12, abs=1e-15), step
+    assert lr[5 * STEPS_PER_EPOCH] == pytest.approx(0.4) and lr[-1] < 1e-4  # the peak, and nearly 0 at the end
+    cfg = config.build(config.CONFIG_DIR / recipe)
+    assert cfg.model.name == "resnet50" and cfg.train.batch_size == 512 and cfg.data.image_size == 224
+
+
+def test_cosine_with_milestones_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"optim.milestones \[60\] are for optim.schedule=step"):
+        config.build(overrides=[("optim.schedule", "cosine"), ("optim.milestones", "[60]")])

@@ -1,0 +1,282 @@
+"""Your own long-tailed images: a folder per class (--dataset folder) or list files (--dataset list), decoded in
+DataLoader workers, each training image's crop and flip keyed to (seed, epoch, index) so a resume is exact.
+
+    ROOT/train/<class>/*.jpg|png   ROOT/test/<class>/...   ROOT/val/<class>/... (optional)
+
+The prior is the training counts after the validation split; without val/ (or data.val_list) a balanced split of
+data.val_per_class images per class (never more than half of a class) is carved from the training images.
+"""
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
+
+from la import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+# ---------------------------------------------------------------- reading the splits
+
+def _scan(split_dir, classes=None):
+    """(paths, labels) of a split folder; classes None: this is train/, and its sorted sub-folders are the classes."""
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if classes is None:
+        classes = names
+    extra = [n for n in names if n not in classes]
+    if extra:
+        raise UserError(f"{split_dir}/{extra[0]} is a class that {split_dir.parent / 'train'} does not have")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        d = split_dir / name
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS) if d.is_dir() else []
+        paths += [str(p) for p in files]
+        labels += [c] * len(files)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def read_list(path, root):
+    """(paths, labels) of a list file: 'relative/path label' lines (ImageNet-LT's), or an iNaturalist-2018 JSON
+    (images with id and file_name, annotations with image_id and category_id). Paths resolve against root."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"list file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            tree = json.loads(text)
+            files = {im["id"]: im["file_name"] for im in tree["images"]}
+            pairs = [(files[a["image_id"]], a["category_id"]) for a in tree["annotations"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not an iNaturalist-style JSON (images, annotations): {type(e).__name__}: {e}")
+    else:
+        pairs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                parts = line.rsplit(maxsplit=1)
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise UserError(f"{path} line {n}: expected 'relative/path label', got {line.strip()!r}")
+                pairs.append((parts[0], parts[1]))
+    paths = [str(Path(root) / p) for p, _ in pairs]
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{path} lists {p}, which does not exist")
+    return paths, np.asarray([int(c) for _, c in pairs], dtype=np.int64)
+
+
+def carve_validation(labels, per_class, seed):
+    """Indices (train, val): per class, min(per_class, half its images) drawn for validation, seeded."""
+    rng = np.random.RandomState(seed + 1_000_003)
+    val = []
+    for c in range(int(labels.max()) + 1):
+        idx = np.where(labels == c)[0]
+        val.append(np.sort(rng.choice(idx, min(per_class, len(idx) // 2), replace=False)))
+    val = np.concatenate(val) if val else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def _hash(paths, labels):
+    h = hashlib.sha256()
+    for p, y in zip(paths, labels):
+        h.update(f"{p}\t{y}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_splits(dc):
+    """{split: (paths, labels)} and the class names, from a folder or list files."""
+    root = Path(dc.root)
+    if dc.dataset == "folder":
+        if not (root / "train").is_dir() or not (root / "test").is_dir():
+            raise UserError(f"--dataset folder needs {root}/train/ and {root}/test/, one sub-folder per class")
+        classes, *train = _scan(root / "train")
+        out = {"train": train, "test": _scan(root / "test", classes)[1:]}
+        if (root / "val").is_dir():
+            out["val"] = _scan(root / "val", classes)[1:]
+        return out, classes
+    lists = {"train": dc.train_list, "val": dc.val_list, "test": dc.test_list}
+    for split in ("train", "test"):
+        if not lists[split]:
+            raise UserError(f"--dataset list needs data.{split}_list")
+    out = {s: read_list(Path(root) / f if not Path(f).is_absolute() else f, root) for s, f in lists.items() if f}
+    n = int(out["train"][1].max()) + 1 if len(out["train"][1]) else 0
+    for split, (_, y) in out.items():
+        bad = y[(y < 0) | (y >= n)]
+        if len(bad):
+            raise UserError(f"data.{split}_list has label {bad[0]}, outside the training labels 0..{n - 1}")
+    return out, [str(c) for c in range(n)]
+
+
+def prepare(dc):
+    """la.data.Splits of a folder or list dataset: ImageList 'arrays', training counts, manifest."""
+    from la.data import Splits
+
+    parts, classes = _read_splits(dc)
+    paths, labels = parts["train"]
+    if not len(labels):
+        raise UserError(f"no training images (.jpg, .jpeg, .png) under {dc.root}")
+    carved = "val" not in parts
+    if carved:
+        train_idx, val_idx = carve_validation(labels, dc.val_per_class, dc.subset_seed)
+        parts["val"] = ([paths[i] for i in val_idx], labels[val_idx])
+        parts["train"] = ([paths[i] for i in train_idx], labels[train_idx])
+    counts = np.bincount(parts["train"][1], minlength=len(classes)).tolist()
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise UserError(f"class {classes[empty[0]]} has no training image (after the validation split), so its "
+                        f"log-prior is -inf")
+    manifest = {"dataset": dc.dataset, "classes": classes, "class_counts": counts,
+                "val_source": f"carved, {dc.val_per_class} per class at most, never over half a class, seed "
+                              f"{dc.subset_seed}" if carved else "given",
+                "val_counts": np.bincount(parts["val"][1], minlength=len(classes)).tolist(),
+                "image_size": dc.image_size}
+    for split, (p, y) in parts.items():
+        rel = [str(Path(q).relative_to(dc.root)) if Path(q).is_relative_to(dc.root) else q for q in p]
+        manifest.update({f"{split}_size": len(y), f"{split}_sha256": _hash(rel, y.tolist())})
+    sets = {s: ImageList(p, y, dc.image_size, dc.workers) for s, (p, y) in parts.items()}
+    return Splits(sets["train"], sets["train"].labels, sets["val"], sets["val"].labels, sets["test"],
+                  sets["test"].labels, counts, manifest)
+
+
+# ---------------------------------------------------------------- decoding and augmentation
+
+def _decode(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise UserError(f"unreadable image {path}: {type(e).__name__}: {e}")
+
+
+def crop_generator(seed, epoch, index):
+    """The generator of one training image's augmentation in one epoch: a pure function of (seed, epoch, index)."""
+    key = hashlib.sha256(f"{seed}/{epoch}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def resized_crop_params(height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawing from g instead of the global generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=g).item())
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            j = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return i, j, h, w
+    in_ratio = width / height  # as torchvision: the whole image, clamped to the ratio range, centred
+    w, h = (width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else \
+        (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class _Images(torch.utils.data.Dataset):
+    """Items are (epoch, index): training items RandomResizedCrop + flip keyed to (seed, epoch, index); epoch
+    None: evaluation, resize to size / 0.875 and centre crop (224 from 256). Returns uint8 3 x size x size."""
+
+    def __init__(self, paths, labels, size, seed):
+        self.paths, self.labels, self.size, self.seed = paths, labels, size, seed
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        epoch, i = item
+        im = _decode(self.paths[i])
+        if epoch is None:
+            im = F.center_crop(F.resize(im, round(self.size / 0.875)), self.size)
+        else:
+            g = crop_generator(self.seed, epoch, i)
+            top, left, h, w = resized_crop_params(im.height, im.width, g)
+            im = F.resized_crop(im, top, left, h, w, [self.size, self.size])
+            if torch.rand(1, generator=g).item() < 0.5:
+                im = F.hflip(im)
+        return F.pil_to_tensor(im), int(self.labels[i])
+
+
+def one_line(e):
+    """A UserError raised in a DataLoader worker arrives wrapped with the worker's traceback: its last line."""
+    last = str(e).strip().splitlines()[-1]
+    return last.split("UserError: ", 1)[1] if "UserError: " in last else last
+
+
+class ImageList:
+    """A split of image files standing where CIFAR's uint8 array stands in la.data.Splits: len, slicing (for the
+    evaluation shards of la.engine.evaluate) and batches of decoded, centre-cropped uint8 images."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, paths, labels, size, workers):
+        self.paths, self.labels, self.size, self.workers = list(paths), np.asarray(labels), size, workers
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, s):
+        return ImageList(self.paths[s], self.labels[s], self.size, self.workers)
+
+    def eval_batches(self, batch_size, device):
+        dataset = _Images(self.paths, self.labels, self.size, 0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=[(None, i) for i in range(len(self))],
+                                             num_workers=self.workers, pin_memory=device.type == "cuda")
+        try:
+            for x, _ in loader:
+                yield x
+        except UserError as e:
+            raise UserError(one_line(e))
+
+
+class _Items(torch.utils.data.Sampler):
+    """The (epoch, index) items of this rank's share of an epoch plan; set before each pass."""
+    items = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+class FolderLoader:
+    """Training batches of an ImageList through DataLoader workers, on la.data's epoch plan (the same permutation
+    and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
+    neither the worker count nor a mid-epoch resume changes a batch."""
+
+    def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
+        from la.data import Normalize
+
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = len(images), batch_size, rank, world_size, seed
+        self.device, self.augment = device, augment
+        self.sampler = _Items()
+        cuda = device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            _Images(images.paths, images.labels, images.size, seed), batch_size=batch_size // world_size,
+            sampler=self.sampler, num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
+        self.normalize = Normalize(device, channels_last, mean=images.mean, std=images.std)
+
+    def steps(self, epoch):
+        from la.data import epoch_plan
+
+        return len(epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch))
+
+    def batches(self, epoch, start_step=0):
+        from la.data import epoch_plan, shard
+
+        plan = epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch)[start_step:]
+        key = epoch if self.augment else None
+        self.sampler.items = [(key, int(i)) for b in plan for i in shard(b, self.rank, self.world_size)]
+        if not plan:
+            return
+        try:
+            for x, y in self.loader:
+                yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device)
+        except UserError as e:
+            raise UserError(one_line(e))

@@ -1,0 +1,114 @@
+"""--dataset folder and --dataset list (la/folder.py): your own long-tailed images, on a generated folder."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run
+from la import UserError, folder
+from la.config import Data
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_toy_folder  # noqa: E402
+
+FOLDER_TINY = ["--dataset", "folder", "--set", "data.image_size=32", "--set", "data.val_per_class=4",
+               "--set", "data.workers=0", "--set", "train.batch_size=16", "--set", "train.precision=fp32",
+               "--set", "train.compile=false", "--set", "train.eval_batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A 5-class folder, training counts 60, 28, 13, 6, 3, 9 test images per class (45: odd, for 2 ranks)."""
+    root = tmp_path_factory.mktemp("toy")
+    counts = make_toy_folder.make(root, classes=5, head=60, rho=20, test_per_class=9)
+    return root, counts
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy, tmp_path_factory):
+    """One CE run of 1 epoch under torchrun with 2 processes, then eval.py --posthoc --tau-sweep in one."""
+    root, _ = toy
+    cwd = tmp_path_factory.mktemp("folder_run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run(torchrun + [REPO / "train.py", "--data-root", root, "--epochs", "1", "--out", cwd / "run"] + FOLDER_TINY, cwd)
+    ev = run([REPO / "eval.py", cwd / "run", "--posthoc", "--tau-sweep"], cwd)
+    return cwd / "run", ev
+
+
+def cfg(root, **kw):
+    return Data(root=str(root), **{"dataset": "folder", "image_size": 32, "val_per_class": 4, "workers": 0, **kw})
+
+
+def test_folder_run_gives_the_table_with_the_prior_after_the_carved_split(toy_run):
+    run_dir, ev = toy_run
+    split = json.loads((run_dir / "split.json").read_text())
+    # min(4, half the class) of 60, 28, 13, 6, 3 go to validation; the prior is what is left
+    assert split["val_counts"] == [4, 4, 4, 3, 1] and split["class_counts"] == [56, 24, 9, 3, 2]
+    assert split["classes"] == [f"class{c:02d}" for c in range(5)] and split["test_size"] == 45
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["class_counts"] == [56, 24, 9, 3, 2]
+    test = report["test"]
+    lo, hi = test["raw"]["balanced_acc_ci95"]
+    assert lo <= test["raw"]["balanced_acc"] <= hi and test["posthoc"]["tau"] == 1.0
+    assert "tau chosen on validation" in ev.stdout and "medium-shot (20-100)" in ev.stdout
+    # exact 2-rank evaluation: the in-training numbers (45 test images sharded over 2 ranks) are those eval.py
+    # computes in one process from the checkpoint
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_top1"] == pytest.approx(test["raw"]["top1"], abs=1e-9)
+    assert last["test_balanced_acc"] == pytest.approx(test["raw"]["balanced_acc"], abs=1e-9)
+    assert last["val_top1"] == pytest.approx(report["val"]["raw"]["top1"], abs=1e-9)
+
+
+def test_folder_loader_is_keyed_and_resumes_mid_epoch_exactly(toy):
+    root, _ = toy
+    s = folder.prepare(cfg(root))
+    kw = dict(batch_size=16, seed=1, device=torch.device("cpu"), channels_last=False)
+    whole = list(folder.FolderLoader(s.train_x, rank=0, world_size=1, workers=0, **kw).batches(1))
+    resumed = list(folder.FolderLoader(s.train_x, rank=0, world_size=1, workers=2, **kw).batches(1, 2))
+    assert len(resumed) == len(whole) - 2 > 0
+    for (xw, yw), (xr, yr) in zip(whole[2:], resumed):
+        assert torch.equal(yw, yr) and torch.equal(xw, xr)
+    other = list(folder.FolderLoader(s.train_x, rank=0, world_size=1, workers=0, **kw).batches(2))
+    assert not torch.equal(whole[0][0], other[0][0])  # a new epoch draws new crops
+    assert whole[0][0].shape == (16, 3, 32, 32)
+
+
+def test_bad_folder_and_list_inputs_are_one_line(toy, tmp_path):
+    root, _ = toy
+    bad = tmp_path / "bad"
+    make_toy_folder.make(bad, classes=2, head=6, rho=2, test_per_class=2)
+    (bad / "test" / "zebra").mkdir()
+    with pytest.raises(UserError, match=r"zebra is a class that .*train does not have"):
+        folder.prepare(cfg(bad))
+    (bad / "test" / "zebra").rmdir()
+    (bad / "train" / "class00" / "00000.png").write_bytes(b"not a png")
+    s = folder.prepare(cfg(bad, val_per_class=0))
+    loader = folder.FolderLoader(s.train_x, 64, 0, 1, 0, torch.device("cpu"), False, workers=1)
+    with pytest.raises(UserError, match=r"^unreadable image .*00000.png: UnidentifiedImageError") as e:
+        list(loader.batches(0))
+    assert "\n" not in str(e.value)
+    # list files: a missing image, a label out of range, a class without training images
+    (tmp_path / "train.txt").write_text("train/class01/00000.png 0\ntrain/class01/00001.png 2\n")
+    (tmp_path / "test.txt").write_text("test/class01/00000.png 0\ntest/class00/00000.png 7\n")
+    lists = dict(dataset="list", train_list=str(tmp_path / "train.txt"), test_list=str(tmp_path / "test.txt"))
+    with pytest.raises(UserError, match=r"data.test_list has label 7, outside the training labels 0..2"):
+        folder.prepare(cfg(bad, **lists))
+    (tmp_path / "test.txt").write_text("test/class01/00000.png 0\n")
+    with pytest.raises(UserError, match=r"class 1 has no training image"):
+        folder.prepare(cfg(bad, **lists))
+    (tmp_path / "test.txt").write_text("test/class01/nope.png 0\n")
+    with pytest.raises(UserError, match=r"test.txt lists .*nope.png, which does not exist"):
+        folder.prepare(cfg(bad, **lists))
+
+
+def test_inaturalist_json_list(toy, tmp_path):
+    root, counts = toy
+    images = [{"id": i, "file_name": f"train/class{c:02d}/{k:05d}.png"}
+              for i, (c, k) in enumerate((c, k) for c in range(5) for k in range(counts[c]))]
+    notes = [{"image_id": im["id"], "category_id": int(im["file_name"][11:13])} for im in images]
+    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": notes}))
+    (tmp_path / "test.txt").write_text("".join(f"test/class{c:02d}/00000.png {c}\n" for c in range(5)))
+    s = folder.prepare(cfg(root, dataset="list", train_list=str(tmp_path / "train.json"),
+                           test_list=str(tmp_path / "test.txt")))
+    assert s.counts == [56, 24, 9, 3, 2] and s.test_y.tolist() == [0, 1, 2, 3, 4]
