@@ -76,7 +76,7 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     raw = model(cfg, len(counts), ctx.device)
-    criterion = losses.from_config(cfg.loss, counts, ctx.device)
+    criterion = losses.from_config(cfg.loss, counts, ctx.device, ctx.world_size)
     opt = optimizer(cfg, raw)
     steps_per_epoch = loader.steps(0)
     sched = scheduler(cfg, opt, steps_per_epoch)
