@@ -34,14 +34,23 @@ class _Refused(pickle.UnpicklingError):
     """A CIFAR file asked to import something the format never holds."""
 
 
+def _latin1_bytes(text, encoding="utf-8"):
+    """What a protocol-2 pickle written by Python 3 calls to rebuild bytes (numpy's array data among them):
+    _codecs.encode(text, 'latin1'). Only that encoding is rebuilt; any other codec is refused."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Rebuilds only what the CIFAR python format holds: dicts, lists, strings, bytes, numbers and numpy arrays.
 
     A pickle rebuilds objects by importing and calling what it names; a planted file could name os.system.
     Here the only names are numpy's array reconstructors (protocols 0-4, and 5's from a buffer; under numpy 1's
-    and numpy 2's module names), ndarray and dtype: each builds an array from bytes and nothing else.
+    and numpy 2's module names), ndarray and dtype: each builds an array from bytes and nothing else; and, for
+    protocol 2 written by Python 3 (as the packed copy a GPU job unpacks), _codecs.encode at latin1 only.
     """
-    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
     for core in ("core", "_core"):
         ALLOWED[f"numpy.{core}.multiarray", "_reconstruct"] = np.empty(0).__reduce__()[0]
         ALLOWED[f"numpy.{core}.numeric", "_frombuffer"] = np.empty(0).__reduce_ex__(5)[0]

@@ -136,6 +136,15 @@ def test_arrays_pickled_by_numpy_1_and_2_both_load(tmp_path, fake_root):
     assert b"_frombuffer" in pickled
     (base / "data_batch_2").write_bytes(pickled)
     assert all(np.array_equal(a, b) for a, b in zip(data.load_cifar(tmp_path, "cifar10"), expected))
+    # protocol 2 written by Python 3 (the GPU job's unpack.py) rebuilds the array's bytes with _codecs.encode(.., 'latin1')
+    pickled = pickle.dumps(pickle.load(open(base / "data_batch_3", "rb")), 2)
+    assert b"_codecs\nencode" in pickled
+    (base / "data_batch_3").write_bytes(pickled)
+    assert all(np.array_equal(a, b) for a, b in zip(data.load_cifar(tmp_path, "cifar10"), expected))
+    # ... and only at latin1: another codec is refused by name, before anything runs
+    (base / "data_batch_4").write_bytes(pickled.replace(b"latin1", b"rot13_"))
+    with pytest.raises(UserError, match="asks to import _codecs.encode with encoding 'rot13_'"):
+        data.load_cifar(tmp_path, "cifar10")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
