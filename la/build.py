@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from la import autotune, checkpoint, engine, losses, models
+from la import autotune, checkpoint, config, engine, losses, models
 from la.runtime import Runtime, recorded_runtime
 
 
@@ -94,6 +94,7 @@ def training(cfg, ctx, counts, loader, ckpt=None):
 
     probe = autotune.Probe(net, raw, opt, lambda: next(loader.batches(0)), step_for)
     steps_left = (tc.epochs - start[0]) * steps_per_epoch - start[1]
-    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved)
+    task = f"{len(counts)} classes, loss {config.method_name(cfg.loss)}"
+    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved, task=task)
     net = net if compiled_net is None else compiled_net
     return Training(net, raw, criterion, opt, sched, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))
