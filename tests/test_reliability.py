@@ -690,3 +690,40 @@ def test_checkpoints_from_before_plain_rng_states_still_load():
         kind, key, *_ = ckpt["rng"]["numpy"]
         assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
         np.random.set_state(ckpt["rng"]["numpy"])
+
+
+def test_a_stop_on_an_epochs_last_step_saves_the_whole_epoch(fake_root, tmp_path, monkeypatch):
+    """A signal caught on the last step of an epoch: the epoch is logged (its lr too) and saved as finished, not
+    as `step == steps` of it, which the resumed session used to log with "lr": null."""
+    import signal
+
+    sys.path.insert(0, str(REPO))
+    import train
+    from la import engine
+
+    real = engine.train_epoch
+
+    def signal_before_the_last_step(t, batches, meter, stop=None, step=0, bar=None):
+        items = list(batches)
+
+        def feed():
+            for i, b in enumerate(items):
+                if i == len(items) - 1 and t.scheduler.last_epoch < len(items):  # the first epoch's last step
+                    stop.signum = signal.SIGTERM
+                yield b
+        return real(t, feed(), meter, stop, step, bar)
+
+    monkeypatch.setattr(engine, "train_epoch", signal_before_the_last_step)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--data-root", str(fake_root), "--out", str(out), "--epochs", "2"] + TINY
+    try:
+        assert train.main(argv) == 128 + signal.SIGTERM
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+        assert train.main(argv + ["--resume"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and all(m["lr"] is not None for m in lines)
