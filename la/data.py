@@ -346,7 +346,10 @@ class _ArrayDataset(torch.utils.data.Dataset):
 
 
 def reference_transform(augment=True):
-    """The usual PIL pipeline (as in LDAM-DRW): RandomCrop(32, 4), flip, ToTensor, Normalize."""
+    """The usual PIL pipeline, LDAM-DRW's steps: RandomCrop(32, 4), flip, ToTensor, Normalize. Normalize takes this
+    module's MEAN and STD (CIFAR-10's per-channel std over the training set, 0.2470, 0.2435, 0.2616), not
+    LDAM-DRW's std (0.2023, 0.1994, 0.2010): the same input the tensor loader gives, so scripts/bench.py's (a) and
+    (b) differ in the pipeline alone. The tensor loader keeps these constants too: the committed runs trained on them."""
     import torchvision.transforms as T
 
     steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
