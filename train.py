@@ -60,10 +60,10 @@ def train(cfg, args, ctx):
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
     # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
-    ckpt = rundir.load_resumable(run_dir, cfg, splits) if args.resume else None
+    ckpt, note = rundir.load_resumable(run_dir, cfg, splits, ctx.world_size) if args.resume else (None, None)
     start = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
     if ckpt:
-        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}")
+        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}" + (f"\n{note}" if note else ""))
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
     if ctx.is_main:  # only now that everything is built: a start that fails leaves the old run whole
         rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)

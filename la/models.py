@@ -87,6 +87,14 @@ class CosineClassifier(nn.Module):
         return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
+def group_sizes(n, group):
+    """The sizes of the runs of images GroupBatchNorm2d normalises together in a batch of n: ceil(n / group) groups
+    as even as possible, the larger first (98 images, group 16: 7 x 14)."""
+    k = max(1, -(-n // group))
+    q, r = divmod(n, k)
+    return [q + 1] * r + [q] * (k - r)
+
+
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """Batch norm that, in training, normalises each run of `group` images of the batch by its own statistics.
 
@@ -112,8 +120,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         n = x.shape[0]
         if not self.training or n <= self.group:
             return super().forward(x)
-        k = -(-n // self.group)  # groups
-        q, r = divmod(n, k)       # r groups of q + 1 images, then k - r of q
+        sizes = group_sizes(n, self.group)
+        q, r = sizes[-1], sizes.count(sizes[-1] + 1)  # r groups of q + 1 images, then the rest of q
         if r == 0:
             return self._equal_groups(x, q)
         return torch.cat([self._equal_groups(x[:r * (q + 1)], q + 1), self._equal_groups(x[r * (q + 1):], q, track=False)])

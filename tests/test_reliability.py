@@ -720,10 +720,33 @@ def test_a_stop_on_an_epochs_last_step_saves_the_whole_epoch(fake_root, tmp_path
     try:
         assert train.main(argv) == 128 + signal.SIGTERM
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-        assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+        assert (ckpt["epoch"], ckpt["step"]) == (1, 0) and ckpt["world_size"] == 1
         assert train.main(argv + ["--resume"]) == 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and all(m["lr"] is not None for m in lines)
+
+
+def test_another_world_size_at_resume_is_refused_unless_nothing_depends_on_it(tmp_path):
+    from la import UserError, config as cfgs, rundir
+
+    cfg = cfgs.build()  # the paper recipe: batch 128, batch norm over each process's batch
+    n = 12386  # 96 batches of 128 and one of 98: cut to 98 (1, 2 processes) or 96 (8 processes)
+    assert rundir.check_world_size(cfg, n, 2, 2) is None
+    with pytest.raises(UserError, match=r"trained by 1 process\(es\) but 2 resume it, and batch norm normalises"):
+        rundir.check_world_size(cfg, n, 1, 2)
+    cfg.model.bn_batch = 16  # groups of 16 fit 128, 64 and 16 images per process alike
+    assert "world size 1 -> 2: batch norm over groups of 16" in rundir.check_world_size(cfg, n, 1, 2)
+    assert "world size 1 -> 8" in rundir.check_world_size(cfg, n, 1, 8)  # 97 steps either way
+    with pytest.raises(UserError, match="an epoch is 97 steps, now 96"):
+        rundir.check_world_size(cfg, 12288 + 1, 1, 8)  # 96 x 128 + 1: the 1-image batch is dropped under 8 processes
+    with pytest.raises(UserError, match="batch norm normalises each process's batch"):
+        rundir.check_world_size(cfg, n, 1, 16)  # 8 images per process: under the group of 16
+    assert "does not record its world size" in rundir.check_world_size(cfg, n, None, 2)
+    # a checkpoint from before the field: what provenance.json's last session recorded, else unknown
+    assert rundir.recorded_world_size(tmp_path, {"world_size": 4}) == 4
+    assert rundir.recorded_world_size(tmp_path, {}) is None
+    (tmp_path / "provenance.json").write_text(json.dumps({"sessions": [{"world_size": 1}, {"world_size": 2}]}))
+    assert rundir.recorded_world_size(tmp_path, {}) == 2
