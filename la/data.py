@@ -184,6 +184,21 @@ def index_hash(idx):
     return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def pixel_hash(x):
+    """The images themselves (uint8 N x 3 x 32 x 32): the indices come from the labels alone, so only this tells
+    other or corrupt pixels apart (about 0.1 s for CIFAR's 60,000 images)."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.uint8).tobytes()).hexdigest()[:16]
+
+
+PIXEL_KEYS = ("train_pixels_sha256", "val_pixels_sha256", "test_pixels_sha256")
+
+
+def same_split(saved, now):
+    """Whether a manifest recorded earlier (a checkpoint's) describes the split `now`: every field it holds agrees.
+    Manifests written before the pixel hashes were kept lack them, and are checked on what they hold."""
+    return isinstance(saved, dict) and all(now.get(k) == v for k, v in saved.items())
+
+
 @dataclass
 class Splits:
     train_x: np.ndarray
@@ -228,6 +243,7 @@ def prepare(data_cfg, allow_empty_classes=False):
         "val_size": int(len(val_idx)),
         "val_index_sha256": index_hash(val_idx),
         "test_size": int(len(test_y)),
+        **dict(zip(PIXEL_KEYS, (pixel_hash(x[train_idx]), pixel_hash(x[val_idx]), pixel_hash(test_x)))),
     }
     return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y, counts, manifest)
 

@@ -102,7 +102,7 @@ def load_resumable(run_dir, cfg, splits, world_size=1):
     ckpt = checkpoint.load(run_dir / "checkpoint.pt")
     check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
     note = check_world_size(cfg, len(splits.train_y), recorded_world_size(run_dir, ckpt), world_size)
-    if ckpt.get("split_manifest") != splits.manifest:
+    if not data.same_split(ckpt.get("split_manifest"), splits.manifest):
         raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
     epochs = cfg.train.epochs
     if ckpt["epoch"] > epochs or (ckpt["epoch"] == epochs and ckpt["step"]):

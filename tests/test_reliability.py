@@ -733,17 +733,19 @@ def test_another_world_size_at_resume_is_refused_unless_nothing_depends_on_it(tm
     from la import UserError, config as cfgs, rundir
 
     cfg = cfgs.build()  # the paper recipe: batch 128, batch norm over each process's batch
-    n = 12386  # 96 batches of 128 and one of 98: cut to 98 (1, 2 processes) or 96 (8 processes)
+    n = 12288 + 64  # 96 batches of 128 and one of 64
     assert rundir.check_world_size(cfg, n, 2, 2) is None
     with pytest.raises(UserError, match=r"trained by 1 process\(es\) but 2 resume it, and batch norm normalises"):
         rundir.check_world_size(cfg, n, 1, 2)
-    cfg.model.bn_batch = 16  # groups of 16 fit 128, 64 and 16 images per process alike
-    assert "world size 1 -> 2: batch norm over groups of 16" in rundir.check_world_size(cfg, n, 1, 2)
-    assert "world size 1 -> 8" in rundir.check_world_size(cfg, n, 1, 8)  # 97 steps either way
-    with pytest.raises(UserError, match="an epoch is 97 steps, now 96"):
-        rundir.check_world_size(cfg, 12288 + 1, 1, 8)  # 96 x 128 + 1: the 1-image batch is dropped under 8 processes
-    with pytest.raises(UserError, match="batch norm normalises each process's batch"):
-        rundir.check_world_size(cfg, n, 1, 16)  # 8 images per process: under the group of 16
+    cfg.model.bn_batch = 16  # groups of 16 fit 128, 64, 32 and 16 images per process alike
+    assert "world size 1 -> 2: batch norm over groups of 16 sees the same" in rundir.check_world_size(cfg, n, 1, 2)
+    assert "world size 4 -> 1" in rundir.check_world_size(cfg, n, 4, 1)
+    with pytest.raises(UserError, match="would cut some batch into other groups"):
+        rundir.check_world_size(cfg, 12386, 1, 2)  # the last 98 images: 7 x 14 in one process, 2 x (13, 12, 12, 12) in two
+    with pytest.raises(UserError, match=r"an epoch's batches change \(97 steps, last of 1 images; now 96"):
+        rundir.check_world_size(cfg, 12288 + 1, 1, 8)  # the 1-image batch is dropped under 8 processes
+    with pytest.raises(UserError, match="would cut some batch into other groups"):
+        rundir.check_world_size(cfg, n, 1, 16)  # 8 images per process: one group of 8, not half of one of 16
     assert "does not record its world size" in rundir.check_world_size(cfg, n, None, 2)
     # a checkpoint from before the field: what provenance.json's last session recorded, else unknown
     assert rundir.recorded_world_size(tmp_path, {"world_size": 4}) == 4
