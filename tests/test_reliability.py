@@ -699,7 +699,7 @@ def test_a_stop_on_an_epochs_last_step_saves_the_whole_epoch(fake_root, tmp_path
 
     sys.path.insert(0, str(REPO))
     import train
-    from la import engine
+    from la import UserError, engine
 
     real = engine.train_epoch
 
@@ -721,6 +721,10 @@ def test_a_stop_on_an_epochs_last_step_saves_the_whole_epoch(fake_root, tmp_path
         assert train.main(argv) == 128 + signal.SIGTERM
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert (ckpt["epoch"], ckpt["step"]) == (1, 0) and ckpt["world_size"] == 1
+        torch.save({**ckpt, "world_size": 2}, out / "checkpoint.pt")  # as if trained by 2 processes
+        with pytest.raises(UserError, match=r"trained by 2 process\(es\) but 1 resume it"):
+            train.main(argv + ["--resume"])
+        torch.save(ckpt, out / "checkpoint.pt")
         assert train.main(argv + ["--resume"]) == 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
