@@ -114,7 +114,7 @@ def run_checkpoint(ckpt_path, run_dir, args, ctx):
     cfg = config.from_dict(ckpt["config"])
     cfg.data.root = config.data_root(args.data_root, cfg.data.root)
     splits = data.prepare(cfg.data, allow_empty_classes=True)  # raw metrics of such a run still mean something
-    if ckpt.get("split_manifest") not in (None, splits.manifest):
+    if ckpt.get("split_manifest") is not None and not data.same_split(ckpt["split_manifest"], splits.manifest):
         raise UserError(f"the data under {cfg.data.root} does not give the split {ckpt_path} was trained on")
     model = build.model(cfg, len(splits.counts), ctx.device, training=False)
     try:

@@ -60,10 +60,10 @@ def train(cfg, args, ctx):
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
     # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
-    ckpt = rundir.load_resumable(run_dir, cfg, splits) if args.resume else None
+    ckpt, note = rundir.load_resumable(run_dir, cfg, splits, ctx.world_size) if args.resume else (None, None)
     start = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
     if ckpt:
-        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}")
+        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}" + (f"\n{note}" if note else ""))
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
     if ctx.is_main:  # only now that everything is built: a start that fails leaves the old run whole
         rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)
@@ -113,12 +113,9 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
             bar.close()
         seconds = time.perf_counter() - t0
         totals = meter.totals()
-        if stopped:
+        if stopped and step < loader.steps(epoch):  # on the epoch's last step the epoch is whole: logged and saved so
             save(epoch, step, totals)  # rank 0 carries the whole partial sum
-            dist.barrier()
-            resume = dist.launcher() + ["train.py"] + sys.argv[1:] + ([] if args.resume else ["--resume"])
-            say(f"stopped by signal at epoch {epoch + 1}, step {step}; checkpoint saved. Resume with:\n  {' '.join(resume)}")
-            return 128 + (stop.signum or signal.SIGTERM)
+            return stopped_by(stop, epoch, step, args, say)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[2]),
                   "train_acc": 100 * float(totals[1] / totals[2])}
         dist.sync_buffers(t.raw_model)
@@ -132,12 +129,22 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                              if k not in ("epoch", "seconds", "eval_seconds"))
             say(f"epoch {epoch + 1:3d}/{tc.epochs} {shown}", flush=True)
-        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs:
+        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs or stopped:
             save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
+        if stopped:
+            return stopped_by(stop, epoch + 1, 0, args, say)
         dist.barrier()
         step, partial = 0, None
     say(f"done: {run_dir}")
     return 0
+
+
+def stopped_by(stop, epoch, step, args, say):
+    """After the save a stop signal asked for: the resume hint, and the exit status 128 + the signal."""
+    dist.barrier()
+    resume = dist.launcher() + ["train.py"] + sys.argv[1:] + ([] if args.resume else ["--resume"])
+    say(f"stopped by signal at epoch {epoch + 1}, step {step}; checkpoint saved. Resume with:\n  {' '.join(resume)}")
+    return 128 + (stop.signum or signal.SIGTERM)
 
 
 if __name__ == "__main__":

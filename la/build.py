@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from la import UserError, autotune, checkpoint, engine, losses, models
+from la import UserError, autotune, checkpoint, config, engine, losses, models
 from la.runtime import Runtime, recorded_runtime
 
 
@@ -105,7 +105,7 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     raw = model(cfg, len(counts), ctx.device)
-    criterion = losses.from_config(cfg.loss, counts, ctx.device)
+    criterion = losses.from_config(cfg.loss, counts, ctx.device, ctx.world_size)
     opt = optimizer(cfg, raw)
     steps_per_epoch = loader.steps(0)
     sched = scheduler(cfg, opt, steps_per_epoch)
@@ -123,6 +123,7 @@ def training(cfg, ctx, counts, loader, ckpt=None):
 
     probe = autotune.Probe(net, raw, opt, lambda: next(loader.batches(0)), step_for)
     steps_left = (tc.epochs - start[0]) * steps_per_epoch - start[1]
-    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved)
+    task = f"{len(counts)} classes, loss {config.method_name(cfg.loss)}"
+    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved, task=task)
     net = net if compiled_net is None else compiled_net
     return Training(net, raw, criterion, opt, sched, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))

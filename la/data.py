@@ -187,6 +187,21 @@ def index_hash(idx):
     return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def pixel_hash(x):
+    """The images themselves (uint8 N x 3 x 32 x 32): the indices come from the labels alone, so only this tells
+    other or corrupt pixels apart (about 0.1 s for CIFAR's 60,000 images)."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.uint8).tobytes()).hexdigest()[:16]
+
+
+PIXEL_KEYS = ("train_pixels_sha256", "val_pixels_sha256", "test_pixels_sha256")
+
+
+def same_split(saved, now):
+    """Whether a manifest recorded earlier (a checkpoint's) describes the split `now`: every field it holds agrees.
+    Manifests written before the pixel hashes were kept lack them, and are checked on what they hold."""
+    return isinstance(saved, dict) and all(now.get(k) == v for k, v in saved.items())
+
+
 @dataclass
 class Splits:
     train_x: np.ndarray
@@ -235,6 +250,7 @@ def prepare(data_cfg, allow_empty_classes=False):
         "val_size": int(len(val_idx)),
         "val_index_sha256": index_hash(val_idx),
         "test_size": int(len(test_y)),
+        **dict(zip(PIXEL_KEYS, (pixel_hash(x[train_idx]), pixel_hash(x[val_idx]), pixel_hash(test_x)))),
     }
     return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y, counts, manifest)
 
@@ -393,7 +409,11 @@ class _ArrayDataset(torch.utils.data.Dataset):
 
 
 class TorchvisionLoader(_Planned):
-    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices and crops per epoch."""
+    """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices and crops per epoch.
+    With normalize='mean_std' it takes this module's MEAN and STD (CIFAR-10's per-channel std over the training set,
+    0.2470, 0.2435, 0.2616), not LDAM-DRW's std (0.2023, 0.1994, 0.2010): the same input the tensor loader gives, so
+    scripts/bench.py's (a) and (b) differ in the pipeline alone. The tensor loader keeps these constants too: the
+    committed runs trained on them."""
 
     def __init__(self, x, y, batch_size, rank, world_size, seed, device, channels_last, augment=True, crop_pad=4,
                  normalize="mean_std", drop_last=False, workers=2):

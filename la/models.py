@@ -178,6 +178,14 @@ class CosineClassifier(nn.Module):
         return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
+def group_sizes(n, group):
+    """The sizes of the runs of images GroupBatchNorm2d normalises together in a batch of n: ceil(n / group) groups
+    as even as possible, the larger first (98 images, group 16: 7 x 14)."""
+    k = max(1, -(-n // group))
+    q, r = divmod(n, k)
+    return [q + 1] * r + [q] * (k - r)
+
+
 class GroupBatchNorm2d(nn.BatchNorm2d):
     """Batch norm that, in training, normalises each run of `group` images of the batch by its own statistics.
 
@@ -189,7 +197,10 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
 
     The G whole groups go through one batch-norm call, as G x C channels of a batch of `group` images (one
     copy in, one out, in the input's memory format); one call per group instead costs 7.6x the step in
-    channels_last on a CPU. A short last group (an epoch's last batch) is normalised on its own.
+    channels_last on a CPU. A batch that is not a multiple of `group` (an epoch's short last batch: 98 images
+    in the seed recipe) is cut into ceil(n / group) groups as even as possible (98: 7 x 14), each of at least
+    half the group, as DDP's ranks share a short batch evenly, rather than into whole groups and a remainder
+    (6 x 16 and 2 images normalised on their own).
     """
 
     def __init__(self, num_features, group):
@@ -197,18 +208,18 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.group = group
 
     def forward(self, x):
-        n, g = x.shape[0], self.group
-        if not self.training or n <= g:
+        n = x.shape[0]
+        if not self.training or n <= self.group:
             return super().forward(x)
-        whole = n - n % g
-        out = self._whole_groups(x[:whole])
-        if whole == n:
-            return out
-        short = F.batch_norm(x[whole:], None, None, self.weight, self.bias, True, 0.0, self.eps)
-        return torch.cat([out, short])
+        sizes = group_sizes(n, self.group)
+        q, r = sizes[-1], sizes.count(sizes[-1] + 1)  # r groups of q + 1 images, then the rest of q
+        if r == 0:
+            return self._equal_groups(x, q)
+        return torch.cat([self._equal_groups(x[:r * (q + 1)], q + 1), self._equal_groups(x[r * (q + 1):], q, track=False)])
 
-    def _whole_groups(self, x):
-        (n, c, h, w), g = x.shape, self.group
+    def _equal_groups(self, x, g, track=True):
+        """Groups of g images in one batch-norm call; with track, the running statistics follow the first."""
+        (n, c, h, w) = x.shape
         k = n // g
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if channels_last:  # memory (n, h, w, c) -> (g, h, w, k * c), i.e. (g, k * c, h, w) in channels_last
@@ -217,12 +228,14 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             xt = x.reshape(k, g, c, h, w).transpose(0, 1).reshape(g, k * c, h, w)
         # every group gets the running statistics; only the first group's update is kept
         mean, var = self.running_mean.repeat(k), self.running_var.repeat(k)
-        self.num_batches_tracked.add_(1)
+        if track:
+            self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        y = F.batch_norm(xt, mean, var, self.weight.repeat(k), self.bias.repeat(k), True, factor, self.eps)
-        with torch.no_grad():
-            self.running_mean.copy_(mean[:c])
-            self.running_var.copy_(var[:c])
+        y = F.batch_norm(xt, mean, var, self.weight.repeat(k), self.bias.repeat(k), True, factor if track else 0.0, self.eps)
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(mean[:c])
+                self.running_var.copy_(var[:c])
         if channels_last:
             return y.permute(0, 2, 3, 1).reshape(g, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
         return y.reshape(g, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)

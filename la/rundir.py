@@ -16,9 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 import yaml
 
-from la import UserError, checkpoint, config, provenance
+from la import UserError, checkpoint, config, data, models, provenance
 
 FILES = ("checkpoint.pt", "metrics.jsonl", "config.yaml", "split.json", "runtime.json", "provenance.json", "eval.json",
          "logits.pt", "features.pt")
@@ -57,17 +58,56 @@ def check_resumable(cfg, saved, epochs_begun):
                         f"resume with the run's own settings")
 
 
-def load_resumable(run_dir, cfg, splits):
+def recorded_world_size(run_dir, ckpt):
+    """The world size a checkpoint was trained at: its own record, else (checkpoints from before it was kept) the
+    last session's in provenance.json, else None (unknown)."""
+    if "world_size" in ckpt:
+        return ckpt["world_size"]
+    try:
+        return int(json.loads((Path(run_dir) / "provenance.json").read_text())["sessions"][-1]["world_size"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def check_world_size(cfg, n_train, then, now):
+    """None when a run trained at world size `then` may resume at `now`, else refused (UserError); a note (str) when
+    it may but something must be said. Batch norm normalises each process's batch, so another world size is
+    another run, unless model.bn_batch cuts every batch of the epoch into the same groups of images either way
+    (each process's share into models.group_sizes) and the epoch keeps its batches."""
+    if then is None:
+        return (f"note: the checkpoint does not record its world size (written before it was kept, and no "
+                f"provenance.json says); resuming at {now}, which must be the one it trained at to continue the same run")
+    if then == now:
+        return None
+    tc, g = cfg.train, cfg.model.bn_batch
+    sizes = {w: [len(b) for b in data.epoch_plan(n_train, tc.batch_size, w, tc.seed, 0)] for w in (then, now)}
+    groups = lambda w: [models.group_sizes(b // w, g) * w for b in sizes[w]]
+    if sizes[then] != sizes[now]:
+        why = f"an epoch's batches change ({len(sizes[then])} steps, last of {sizes[then][-1]} images; now " \
+              f"{len(sizes[now])}, last of {sizes[now][-1]})"
+    elif g <= 0 or groups(then) != groups(now):
+        why = "batch norm normalises each process's batch" if g <= 0 else \
+            f"batch norm over groups of {g} would cut some batch into other groups"
+    else:
+        return (f"note: world size {then} -> {now}: batch norm over groups of {g} sees the same groups of images "
+                f"and the epoch the same {len(sizes[now])} batches, so the run continues as it was")
+    raise UserError(f"checkpoint was trained by {then} process(es) but {now} resume it, and {why}; resume with "
+                    f"--nproc_per_node (and --nnodes) giving world size {then}")
+
+
+def load_resumable(run_dir, cfg, splits, world_size=1):
     """The checkpoint --resume continues, checked: the same recipe (but for RESUMABLE_CHANGES), the same data
-    split, and not past the epochs asked for."""
+    split, the same world size (check_world_size), and not past the epochs asked for. Returns (checkpoint, a note
+    to print or None)."""
     ckpt = checkpoint.load(run_dir / "checkpoint.pt")
     check_resumable(cfg, ckpt["config"], ckpt["epoch"] + (ckpt["step"] > 0))
-    if ckpt.get("split_manifest") != splits.manifest:
+    note = check_world_size(cfg, len(splits.train_y), recorded_world_size(run_dir, ckpt), world_size)
+    if not data.same_split(ckpt.get("split_manifest"), splits.manifest):
         raise UserError(f"the data split differs from the one {run_dir} was trained on; check --data-root")
     epochs = cfg.train.epochs
     if ckpt["epoch"] > epochs or (ckpt["epoch"] == epochs and ckpt["step"]):
         raise UserError(f"{run_dir} has trained {ckpt['epoch']} epochs, more than the {epochs} asked for")
-    return ckpt
+    return ckpt, note
 
 
 def start(run_dir, cfg, splits, rt, replaced, resumed_at=None):
@@ -108,6 +148,7 @@ def save_checkpoint(run_dir, t, cfg, splits, epoch, step, partial):
         "model": t.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
         "epoch": epoch, "step": step, "partial": partial, "rng": checkpoint.rng_state(), "runtime": t.runtime.to_dict(),
         "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }, run_dir / "checkpoint.pt")
 
 

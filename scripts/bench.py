@@ -385,6 +385,12 @@ def machine(device):
     }
 
 
+def mps_active(device):
+    """Whether this process's CUDA work goes through a CUDA MPS daemon: scripts/mps.sh exports
+    CUDA_MPS_PIPE_DIRECTORY only once a CUDA client has run under the daemon it started."""
+    return device.type == "cuda" and bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+
+
 def derive(figures, gflop, n_train, epochs):
     ratio = lambda a, b: figures[a]["img_per_s"] / figures[b]["img_per_s"] if a in figures and b in figures else None
     ratios = {"train_over_reference": ratio("train", "reference"), "train_over_ceiling": ratio("train", "ceiling")}
@@ -410,7 +416,7 @@ def label(name):
 def print_report(res):
     m, r = res["machine"], res
     print(f"\n{m['device_name']} ({m['device']}; {' '.join(m['cpu_flags']) or 'no AVX'}), {m['torch_threads']} torch threads, "
-          f"torch {m['torch']}, commit {m['git_commit']}")
+          f"torch {m['torch']}, commit {m['git_commit']}" + (", under CUDA MPS" if r["mps"] else ""))
     bn = f" (batch norm over {r['bn_batch']} images)" if r["bn_batch"] else ""
     print(f"data: {r['data']}, {r['train_images']} training images; {r['model']}{bn}, loss {r['loss']}, batch {r['batch_size']}")
     print(f"defaults: {r['defaults_chosen']['described']}")
@@ -480,6 +486,7 @@ def main(argv):
     ratios, gflops, estimates = derive(figures, gflop, per_epoch, cfg.train.epochs) if figures else ({}, None, {})
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device), "config": args.config,
+        "mps": mps_active(device),
         "data": source, "synthetic": source.startswith("synthetic"), "dataset": cfg.data.dataset, "rho": cfg.data.rho,
         "train_images": len(y), "model": cfg.model.name, "bn_batch": cfg.model.bn_batch, "loss": cfg.loss.name,
         "precision": runtime.precision, "compile": runtime.compile,

@@ -21,8 +21,15 @@
 # (`python3 PACK/unpack.py DATA_ROOT [--no-extra]`: the images the rho = 10 subset adds are left out unless
 # RHOS has 10). Every other variable (RHOS, SEEDS, LOSSES, CONFIG, EPOCHS, EXTRA, PARALLEL, TIME_LIMIT, DATASET) goes
 # to sweep_rho.sh; TIME_LIMIT stops training in time to evaluate, tabulate and pack what finished.
+#
+# CUDA MPS (scripts/mps.sh; MPS=0: never): started once, here, when the sweep trains runs side by side
+# (PARALLEL > 1) or bench.py measures them (--concurrent), so that the benchmark measures under the same daemon
+# as the sweep it sizes; bench.json records which (`mps`). A daemon that cannot serve a CUDA client is stopped
+# and both run without it.
 set -euo pipefail
 ARCHIVE_DIR=${ARCHIVE_DIR:?set ARCHIVE_DIR, the folder results.tar.gz goes to}
+mkdir -p "$ARCHIVE_DIR"
+ARCHIVE_DIR=$(cd "$ARCHIVE_DIR" && pwd)  # absolute: the archive is written from inside $WORK
 DATA_ROOT=${DATA_ROOT:-${TMPDIR:-/tmp}/la-data}
 PACK=${PACK:-}
 WORK=${WORK:-runs/gpu_job}
@@ -30,7 +37,7 @@ BENCH=${BENCH:-}                    # bench.py flags; empty: no benchmark
 CHECKPOINTS=${CHECKPOINTS:-0}       # 1: pack each run's checkpoint.pt and provenance.json too
 RESUME_FROM=${RESUME_FROM:-}        # an earlier call's results.tar.gz (CHECKPOINTS=1) to continue from
 export RHOS=${RHOS-"200 100 50 10"}  # empty: no training
-export PYTHON=${PYTHON:-python3} DATA_ROOT OUT=$WORK/runs RESULTS=$WORK
+export PYTHON=${PYTHON:-python3} DATA_ROOT OUT=$WORK/runs RESULTS=$WORK MPS=${MPS:-auto}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 if [[ ! -f $DATA_ROOT/cifar-10-batches-py/test_batch ]]; then
@@ -54,6 +61,11 @@ status=0
 {
     rc=0
     echo "gpu_job: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'), $(nvidia-smi -L 2>/dev/null | head -1 || true)"
+    if [[ $MPS != 0 ]] && { (( ${PARALLEL:-1} > 1 )) || [[ " $BENCH " == *" --concurrent "* ]]; }; then
+        source "$REPO/scripts/mps.sh"
+        mps_start  # in this group's shell: bench.py and sweep_rho.sh inherit the daemon, which stops when it exits
+        (( MPS_ON )) || export MPS=0  # and the sweep does not try again what just failed
+    fi
     if [[ -n $BENCH ]]; then
         # shellcheck disable=SC2086  # BENCH is a list of flags
         "$PYTHON" "$REPO/scripts/bench.py" --data-root "$DATA_ROOT" $BENCH --json "$WORK/bench.json" || echo "bench.py failed: exit $?"

@@ -118,8 +118,8 @@ running=0 failed=0
 for rho in $RHOS; do
     for seed in $SEEDS; do
         for loss in "${trained[@]}"; do
-            if (( PARALLEL == 1 )); then
-                one_run "$loss" "$rho" "$seed"
+            if (( PARALLEL == 1 )); then  # a failed run is counted and the sweep goes on, as with PARALLEL > 1
+                one_run "$loss" "$rho" "$seed" || failed=$((failed + 1))
                 continue
             fi
             if (( running == PARALLEL )); then  # wait for a slot
@@ -138,7 +138,8 @@ while (( running > 0 )); do
     running=$((running - 1))
 done
 if (( failed )); then
-    echo "$failed run(s) failed; see the .log files in $OUT (re-running this command resumes them)" >&2
+    if (( PARALLEL > 1 )); then where="the .log files in $OUT"; else where="their output above"; fi
+    echo "$failed run(s) failed; see $where (re-running this command resumes them)" >&2
     exit 1
 fi
 

@@ -74,6 +74,9 @@ def test_timings_are_cached_per_machine_and_model(machine):
     other, _ = autotune.choose(config.Train(), config.Model(name="resnet34"), CPU, None, lambda: "c", 10_000,
                                timer=lambda p, m=None: 1.0)
     assert other.why["precision"].startswith("auto, measured")  # another model: measured, not taken from resnet32
+    key = lambda **kw: autotune.cache_key(config.Model(), 32, True, 1, **{"compile_mode": "default", "task": "10 classes, loss ce", **kw})
+    # another compile mode, number of classes or loss is another step to time
+    assert len({key(), key(compile_mode="max-autotune"), key(task="100 classes, loss ce"), key(task="10 classes, loss ldam")}) == 4
 
 
 def plant(cache_dir, fp32, bf16):
@@ -81,7 +84,7 @@ def plant(cache_dir, fp32, bf16):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # conftest.run gives the subprocess OMP_NUM_THREADS=1
     try:
-        key = autotune.cache_key(config.Model(), 32, True, 1)
+        key = autotune.cache_key(config.Model(), 32, True, 1, "default", "10 classes, loss ce")
     finally:
         torch.set_num_threads(threads)
     cache_dir.mkdir(exist_ok=True)

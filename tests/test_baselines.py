@@ -71,6 +71,62 @@ def test_drw_is_the_plain_loss_until_its_epoch_then_the_weighted_mean(name):
     assert drw(logits, y).item() != pytest.approx(plain(logits, y).item(), rel=1e-3)
 
 
+def _drw_batch():
+    """A global batch of 16 whose two halves draw the tail classes unevenly (rank 0: none of class 2)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g), torch.tensor([0, 0, 1, 0, 0, 1, 0, 0, 2, 2, 2, 0, 1, 2, 0, 2])
+    head = torch.nn.Linear(5, 3)
+    head.load_state_dict({"weight": torch.randn(3, 5, generator=g), "bias": torch.randn(3, generator=g)})
+    return x, y, head
+
+
+def _drw_rank(rank, name, port, queue):
+    """One of two gloo ranks: the DRW loss of its half of _drw_batch through DDP, and the averaged gradient."""
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y, head = _drw_batch()
+        model, criterion = DDP(head), losses.Criterion(name, COUNTS, drw_epoch=0, world_size=2)
+        criterion.set_epoch(0)
+        loss = criterion(model(x[8 * rank:8 * rank + 8]), y[8 * rank:8 * rank + 8])
+        loss.backward()
+        queue.put((rank, loss.item(), head.weight.grad.tolist(), head.bias.grad.tolist()))  # plain data: the rank exits
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["ce", "ldam"])
+def test_drw_under_two_ranks_is_the_one_process_loss_and_gradient(name):
+    """DDP averages the ranks' gradients: each rank's loss must be scaled by the global sum of weights, or two
+    ranks would minimise the mean of two per-shard weighted means instead of the global weighted mean."""
+    import multiprocessing as mp
+    import socket
+
+    x, y, head = _drw_batch()
+    one = losses.Criterion(name, COUNTS, drw_epoch=0)
+    one.set_epoch(0)
+    loss = one(head(x), y)
+    loss.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    procs = [spawn.Process(target=_drw_rank, args=(r, name, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join()
+    ranks_mean = sum(g[1] for g in got) / 2  # what the meter logs: the ranks' losses averaged (equal shards)
+    assert ranks_mean == pytest.approx(loss.item(), rel=1e-5)
+    for rank, _, w_grad, b_grad in got:  # DDP gave both ranks the averaged gradient
+        assert torch.allclose(torch.tensor(w_grad), head.weight.grad, rtol=1e-5, atol=1e-6), rank
+        assert torch.allclose(torch.tensor(b_grad), head.bias.grad, rtol=1e-5, atol=1e-6), rank
+
+
 def test_cosine_classifier_is_scale_times_cosine():
     head = models.CosineClassifier(4, 3, scale=30.0)
     x = torch.tensor([[1.0, 2.0, 0.0, -1.0]])

@@ -219,3 +219,26 @@ def test_torchvision_loader_is_keyed_to_seed_epoch_index(fake_root):
     assert len(resumed) == len(rank1) - 2  # resumed at step 2 with two workers: the same batches
     for (x1, y1), (xr, yr) in zip(rank1[2:], resumed):
         assert torch.equal(y1, yr) and torch.equal(x1, xr)
+
+
+def test_the_manifest_hashes_the_pixels_and_old_manifests_still_match(tmp_path, fake_root):
+    """The indices come from the labels alone: a copy with other pixels and the same labels gives the same index
+    hashes, and only the pixel hashes tell it apart."""
+    cfg = data_cfg(fake_root, rho=10, val_per_class=3)
+    ours = data.prepare(cfg)
+    base = _copy(fake_root, tmp_path)
+    for name, split in (("data_batch_1", "train"), ("test_batch", "test")):
+        d = pickle.load(open(base / name, "rb"))
+        d["data"] = d["data"].copy()
+        d["data"][:, 0] ^= 1  # one bit of one pixel of every image
+        (base / name).write_bytes(pickle.dumps(d, PROTOCOL))
+    cfg.root = str(tmp_path)
+    other = data.prepare(cfg).manifest
+    assert other["train_index_sha256"] == ours.manifest["train_index_sha256"]
+    differ = {k for k in ours.manifest if ours.manifest[k] != other[k]}
+    assert {"train_pixels_sha256", "test_pixels_sha256"} <= differ <= set(data.PIXEL_KEYS)
+    assert ours.manifest["train_pixels_sha256"] == data.pixel_hash(ours.train_x)
+    assert data.same_split(ours.manifest, ours.manifest) and not data.same_split(ours.manifest, other)
+    # a manifest written before the pixel hashes (split.json, checkpoints) is checked on what it holds
+    old = {k: v for k, v in ours.manifest.items() if k not in data.PIXEL_KEYS}
+    assert data.same_split(old, other) and not data.same_split({**old, "train_size": 1}, other)

@@ -700,3 +700,69 @@ def test_checkpoints_from_before_plain_rng_states_still_load(tmp_path):
     kind, key, *_ = ckpt["rng"]["numpy"]
     assert kind == "MT19937" and key.dtype == np.uint32 and key.shape == (624,)
     np.random.set_state(ckpt["rng"]["numpy"])
+
+
+def test_a_stop_on_an_epochs_last_step_saves_the_whole_epoch(fake_root, tmp_path, monkeypatch):
+    """A signal caught on the last step of an epoch: the epoch is logged (its lr too) and saved as finished, not
+    as `step == steps` of it, which the resumed session used to log with "lr": null."""
+    import signal
+
+    sys.path.insert(0, str(REPO))
+    import train
+    from la import UserError, engine
+
+    real = engine.train_epoch
+
+    def signal_before_the_last_step(t, batches, meter, stop=None, step=0, bar=None):
+        items = list(batches)
+
+        def feed():
+            for i, b in enumerate(items):
+                if i == len(items) - 1 and t.scheduler.last_epoch < len(items):  # the first epoch's last step
+                    stop.signum = signal.SIGTERM
+                yield b
+        return real(t, feed(), meter, stop, step, bar)
+
+    monkeypatch.setattr(engine, "train_epoch", signal_before_the_last_step)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--data-root", str(fake_root), "--out", str(out), "--epochs", "2"] + TINY
+    try:
+        assert train.main(argv) == 128 + signal.SIGTERM
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert (ckpt["epoch"], ckpt["step"]) == (1, 0) and ckpt["world_size"] == 1
+        torch.save({**ckpt, "world_size": 2}, out / "checkpoint.pt")  # as if trained by 2 processes
+        with pytest.raises(UserError, match=r"trained by 2 process\(es\) but 1 resume it"):
+            train.main(argv + ["--resume"])
+        torch.save(ckpt, out / "checkpoint.pt")
+        assert train.main(argv + ["--resume"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and all(m["lr"] is not None for m in lines)
+
+
+def test_another_world_size_at_resume_is_refused_unless_nothing_depends_on_it(tmp_path):
+    from la import UserError, config as cfgs, rundir
+
+    cfg = cfgs.build()  # the paper recipe: batch 128, batch norm over each process's batch
+    n = 12288 + 64  # 96 batches of 128 and one of 64
+    assert rundir.check_world_size(cfg, n, 2, 2) is None
+    with pytest.raises(UserError, match=r"trained by 1 process\(es\) but 2 resume it, and batch norm normalises"):
+        rundir.check_world_size(cfg, n, 1, 2)
+    cfg.model.bn_batch = 16  # groups of 16 fit 128, 64, 32 and 16 images per process alike
+    assert "world size 1 -> 2: batch norm over groups of 16 sees the same" in rundir.check_world_size(cfg, n, 1, 2)
+    assert "world size 4 -> 1" in rundir.check_world_size(cfg, n, 4, 1)
+    with pytest.raises(UserError, match="would cut some batch into other groups"):
+        rundir.check_world_size(cfg, 12386, 1, 2)  # the last 98 images: 7 x 14 in one process, 2 x (13, 12, 12, 12) in two
+    with pytest.raises(UserError, match=r"an epoch's batches change \(97 steps, last of 1 images; now 96"):
+        rundir.check_world_size(cfg, 12288 + 1, 1, 8)  # the 1-image batch is dropped under 8 processes
+    with pytest.raises(UserError, match="would cut some batch into other groups"):
+        rundir.check_world_size(cfg, n, 1, 16)  # 8 images per process: one group of 8, not half of one of 16
+    assert "does not record its world size" in rundir.check_world_size(cfg, n, None, 2)
+    # a checkpoint from before the field: what provenance.json's last session recorded, else unknown
+    assert rundir.recorded_world_size(tmp_path, {"world_size": 4}) == 4
+    assert rundir.recorded_world_size(tmp_path, {}) is None
+    (tmp_path / "provenance.json").write_text(json.dumps({"sessions": [{"world_size": 1}, {"world_size": 2}]}))
+    assert rundir.recorded_world_size(tmp_path, {}) == 2

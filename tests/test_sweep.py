@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import json
+import os
 import sys
 
 from conftest import REPO, run
@@ -149,23 +150,77 @@ def test_time_limit_stops_training_and_still_tabulates(tmp_path, fake_root):
     assert "| Baseline | — (seed 89.39) |" in (tmp_path / "results" / "cifar10_rho_sweep.md").read_text()
 
 
+def stand_in_gpu(tmp_path):
+    """A bin/ folder whose nvidia-smi names a GPU and whose nvidia-cuda-mps-control forks at once (as the real
+    daemon does before its server has started) and logs what it is told to mps.log."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "mps.log"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n")
+    (bin_dir / "nvidia-cuda-mps-control").write_text(
+        f"#!/bin/sh\nif [ \"$1\" = -d ]; then echo \"start $CUDA_MPS_PIPE_DIRECTORY\" >> {log}; exit 0; fi\n"
+        f"read cmd; echo \"$cmd $CUDA_MPS_PIPE_DIRECTORY\" >> {log}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+def test_mps_whose_client_fails_is_stopped_and_unset(tmp_path):
+    """The control daemon forks, but its server cannot serve a CUDA client: stopped, unset, said; one that can
+    serve is kept and stopped when the script exits."""
+    env, log = stand_in_gpu(tmp_path)
+    env["TMPDIR"] = str(tmp_path)
+    script = f"source {REPO / 'scripts' / 'mps.sh'}; mps_start; echo \"on=$MPS_ON pipe=${{CUDA_MPS_PIPE_DIRECTORY:-unset}}\""
+    failing = "echo 'RuntimeError: CUDA error: all CUDA-capable devices are busy or unavailable' >&2; exit 1"
+    proc = run(["bash", "-c", script], cwd=tmp_path, env={**env, "MPS_PROBE": failing})
+    assert "a CUDA client could not run under it (RuntimeError: CUDA error: all CUDA-capable devices are busy" in proc.stdout
+    assert proc.stdout.strip().endswith("on=0 pipe=unset")
+    started, stopped = log.read_text().splitlines()
+    assert started.startswith("start ") and stopped == "quit " + started.split()[1]  # that very daemon
+    assert not list(tmp_path.glob("la-mps.*"))
+
+    log.unlink()
+    proc = run(["bash", "-c", script], cwd=tmp_path, env={**env, "MPS_PROBE": "true"})
+    assert "CUDA MPS started" in proc.stdout and "on=1 pipe=" + str(tmp_path / "la-mps.") in proc.stdout
+    assert [l.split()[0] for l in log.read_text().splitlines()] == ["start", "quit"]  # stopped at exit
+    assert not list(tmp_path.glob("la-mps.*"))
+
+
 def test_gpu_job_packs_every_run_without_checkpoints(tmp_path, fake_root):
-    """scripts/gpu_job.sh on CPU: two runs at once, evaluated, tabulated and packed into one small archive."""
+    """scripts/gpu_job.sh on CPU, with a relative ARCHIVE_DIR and WORK, a stand-in GPU whose MPS serves clients and
+    a --concurrent benchmark: one daemon for bench.py and the sweep, two runs at once, evaluated, tabulated and
+    packed into one small archive."""
     import tarfile
 
+    gpu, log = stand_in_gpu(tmp_path)
+    bench = "--synthetic --device cpu --compile false --precision fp32 --batch-size 16 --windows 1 --window-steps 1 " \
+            "--warmup-steps 0 --concurrent 1"
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "PARALLEL": "2", "WORK": str(tmp_path / "work"), "ARCHIVE_DIR": str(tmp_path / "out"),
-           "EXTRA": " ".join(TINY_EXTRA)}
-    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=180)
+           "PARALLEL": "2", "WORK": "work", "ARCHIVE_DIR": "out", "EXTRA": " ".join(TINY_EXTRA), "BENCH": bench,
+           "MPS_PROBE": "true", "TMPDIR": str(tmp_path), **gpu}
+    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=240)
     assert "packed" in proc.stdout
+    assert proc.stdout.count("CUDA MPS started") == 1 and "using the CUDA MPS daemon at" in proc.stdout
+    assert proc.stdout.index("CUDA MPS started") < proc.stdout.index("measuring 1 run(s) at once")
+    assert [l.split()[0] for l in log.read_text().splitlines()] == ["start", "quit"]
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         names = set(tar.getnames())
+        bench_json = json.load(tar.extractfile("./bench.json"))
     for loss in ("ce", "la"):
         for f in ("config.yaml", "split.json", "runtime.json", "metrics.jsonl", "eval.json", "eval.log"):
             assert f"./runs/rho10_{loss}_s0/{f}" in names
         assert f"./runs/rho10_{loss}_s0.log" in names
     assert {"./job.log", "./cifar10_rho_sweep.md", "./cifar10_rho_sweep.csv"} <= names
     assert not any(n.endswith(".pt") for n in names)
+    assert bench_json["mps"] is False  # a CPU benchmark's work never went through the daemon
+
+
+def test_a_failed_run_is_counted_and_the_sweep_goes_on_one_at_a_time(tmp_path, fake_root):
+    env = sweep_env(fake_root, tmp_path, "fail")
+    (tmp_path / "runs_fail" / "rho10_ce_s0").mkdir(parents=True)
+    (tmp_path / "runs_fail" / "rho10_ce_s0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, check=False, timeout=120)
+    assert proc.returncode == 1 and "1 run(s) failed" in proc.stderr
+    assert (tmp_path / "runs_fail" / "rho10_la_s0" / "eval.json").is_file()  # trained after the failed one
 
 
 def test_gpu_job_continues_runs_from_the_archive_it_packed_with_checkpoints(tmp_path, fake_root):
