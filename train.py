@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from la import UserError, run_cli, build, config, data, dist, engine, models, rundir
+from la import UserError, run_cli, build, config, data, dist, engine, rundir
 
 
 def parse_args(argv):
@@ -67,27 +67,13 @@ def train(cfg, args, ctx):
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
     if ctx.is_main:  # only now that everything is built: a start that fails leaves the old run whole
         rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)
-    say(f"run {run_dir}: {describe(cfg, splits, t, ctx)}")
+    say(f"run {run_dir}: {build.describe(cfg, splits, t, ctx)}")
     late = [m for m in cfg.optim.milestones if m >= tc.epochs]
     if late:  # a shortened run (--epochs 20) keeps the recipe's milestones unless told otherwise
         say(f"note: optim.milestones {late} are not before train.epochs={tc.epochs}, so those learning-rate "
             f"decays never happen; to shorten the schedule too, pass --set optim.milestones=[...]")
     partial = ckpt["partial"] if ckpt and ctx.is_main else None  # rank 0 carries the interrupted epoch's sums
     return train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args)
-
-
-def describe(cfg, splits, t, ctx):
-    """The start-up line: data, model, loss, processes and runtime."""
-    bn = f", batch norm over {cfg.model.bn_batch} images" if cfg.model.bn_batch else ""
-    tau = f" tau={cfg.loss.tau:g}" if cfg.loss.name == "la" else ""
-    drw = f" (re-weighted from epoch {cfg.loss.drw_epoch + 1})" if cfg.loss.drw else ""
-    files = cfg.data.dataset in data.FILE_DATASETS
-    source = f"{cfg.data.dataset} {cfg.data.root}" if files else f"{cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile})"
-    return (f"{source}, {len(splits.train_y)} train / "
-            f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
-            f"({models.num_params(t.raw_model) / 1e6:.2f}M params{bn}), loss={config.method_name(cfg.loss)}{tau}{drw}; "
-            f"{ctx.world_size} x {ctx.device.type}, {t.runtime.describe()}, {'image-file' if files else cfg.data.loader} loader, "
-            f"global batch {cfg.train.batch_size}")
 
 
 def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from la import UserError, autotune, checkpoint, config, engine, losses, models
+from la import UserError, autotune, checkpoint, config, data, engine, losses, models
 from la.runtime import Runtime, recorded_runtime
 
 
@@ -127,3 +127,17 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved, task=task)
     net = net if compiled_net is None else compiled_net
     return Training(net, raw, criterion, opt, sched, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))
+
+
+def describe(cfg, splits, t, ctx):
+    """The start-up line: data, model, loss, processes and runtime."""
+    bn = f", batch norm over {cfg.model.bn_batch} images" if cfg.model.bn_batch else ""
+    tau = f" tau={cfg.loss.tau:g}" if cfg.loss.name == "la" else ""
+    drw = f" (re-weighted from epoch {cfg.loss.drw_epoch + 1})" if cfg.loss.drw else ""
+    files = cfg.data.dataset in data.FILE_DATASETS
+    source = f"{cfg.data.dataset} {cfg.data.root}" if files else f"{cfg.data.dataset}-LT rho={cfg.data.rho:g} ({cfg.data.profile})"
+    return (f"{source}, {len(splits.train_y)} train / "
+            f"{len(splits.val_y)} val / {len(splits.test_y)} test images; {cfg.model.name} "
+            f"({models.num_params(t.raw_model) / 1e6:.2f}M params{bn}), loss={config.method_name(cfg.loss)}{tau}{drw}; "
+            f"{ctx.world_size} x {ctx.device.type}, {t.runtime.describe()}, {'image-file' if files else cfg.data.loader} loader, "
+            f"global batch {cfg.train.batch_size}")
