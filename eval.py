@@ -18,8 +18,9 @@ import torch
 from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, losses, metrics, provenance, rundir,
                 runtime, tausweep)
 
-ACCURACY_ROWS = (("top1", "top-1"), ("top1_ci95", "  95 % interval"),
-                 ("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"))
+# balanced accuracy first: on a test set that is not balanced (your own data) it is the headline, top-1 beside it
+ACCURACY_ROWS = (("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"),
+                 ("top1", "top-1"), ("top1_ci95", "  95 % interval"))
 ROWS = ACCURACY_ROWS + (("many", "many-shot (>100)"), ("medium", "medium-shot (20-100)"), ("few", "few-shot (<20)"),
                         ("nll", "NLL"), ("ece", "ECE (15 bins)"))
 

@@ -179,3 +179,22 @@ def test_float_noise_does_not_break_a_tie():
 
 def test_tau_grid_includes_its_end():
     assert tausweep.parse_grid("0:3:0.05")[-1] == 3.0 and len(tausweep.parse_grid("0:3:0.05")) == 61
+
+
+def test_eval_table_leads_with_balanced_accuracy(capsys):
+    """On a test set that is not balanced (--dataset folder / list) balanced accuracy is the headline: eval.py's table
+    gives it first, top-1 beside it, each with its interval."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    logits = torch.tensor([[2.0, 0.0]] * 4)  # all predicted class 0: 3 of 4 right, but class 1's recall is 0
+    m = metrics.evaluate_logits(logits, torch.tensor([0, 0, 0, 1]), [3, 1])
+    ev.print_table("t", {"raw": m}, rows=ev.ACCURACY_ROWS)
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert rows[0].split()[:2] == ["balanced", "acc"] and float(rows[0].split()[2]) == pytest.approx(50.0)
+    assert rows[2].split()[0] == "top-1" and float(rows[2].split()[1]) == pytest.approx(75.0)
+    assert [r.split()[0] for r in rows] == ["balanced", "95", "top-1", "95"]
