@@ -43,13 +43,14 @@ def main(argv):
         return train(cfg, args, ctx)
     finally:
         dist.teardown()
+        rundir.release()
 
 
 def train(cfg, args, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     tc = cfg.train
     run_dir = Path(tc.out) if tc.out else config.default_run_dir(cfg)
-    replaced = rundir.check_start(run_dir, args.resume, args.overwrite)
+    resume, replaced, note = rundir.claim(run_dir, args.resume, args.overwrite, ctx.is_main)  # rank 0 owns the run
     dist.barrier()
 
     # ---- data: every rank builds the same subset; the hashes prove it
@@ -60,8 +61,10 @@ def train(cfg, args, ctx):
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
     # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
-    ckpt = rundir.load_resumable(run_dir, cfg, splits) if args.resume else None
+    ckpt = rundir.load_resumable(run_dir, cfg, splits) if resume else None
     start = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+    if note:
+        say(note)
     if ckpt:
         say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}")
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
