@@ -106,10 +106,29 @@ def claim(run_dir, resume, overwrite, is_main):
         own(run_dir)
     restart, note = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0), None
     if restart and not resume:
-        resume = (run_dir / "checkpoint.pt").is_file()
+        # the run is this job's only if its provenance says so; else the first attempt stopped before starting
+        # it, perhaps refusing a run already there, and the restart checks the same way again
+        ours = started_by(run_dir) == torchrun_job()
+        resume, overwrite = ours and (run_dir / "checkpoint.pt").is_file(), overwrite or ours
         note = (f"torchrun restart {restart}: " + ("continuing from the last checkpoint" if resume else
                                                    "no checkpoint saved yet, so the run starts afresh"))
-    return resume, check_start(run_dir, resume, overwrite or restart > 0), note
+    return resume, check_start(run_dir, resume, overwrite), note
+
+
+def torchrun_job():
+    """The torchrun job this worker belongs to, the same in its restarted workers and on every node (None outside
+    torchrun): the rendezvous run id, with the local agent's pid where it is the default 'none' on one node."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    single_node = os.environ.get("WORLD_SIZE") == os.environ.get("LOCAL_WORLD_SIZE")
+    return None if run_id is None else f"{run_id}:{os.getppid()}" if run_id == "none" and single_node else run_id
+
+
+def started_by(run_dir):
+    """The torchrun job that last started or resumed run_dir (its provenance.json), or None."""
+    try:
+        return json.loads((run_dir / "provenance.json").read_text())["sessions"][-1].get("torchrun_job")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def check_start(run_dir, resume, overwrite):
@@ -165,7 +184,7 @@ def start(run_dir, cfg, splits, rt, replaced, resumed_at=None):
     (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
     update_latest(run_dir)
     (run_dir / "runtime.json").write_text(json.dumps(rt.to_dict(), indent=1) + "\n")
-    provenance.record(run_dir, rt.device, rt.precision, resumed_at)
+    provenance.record(run_dir, rt.device, rt.precision, resumed_at, torchrun_job=torchrun_job())
 
 
 def update_latest(run_dir):
