@@ -53,6 +53,11 @@ def own(run_dir):
             break
         except BlockingIOError:
             time.sleep(0.05)
+        except OSError as e:  # a file system without flock on directories (some NFS and Lustre mounts): train
+            os.close(fd)      # unguarded, and say so, rather than refuse every run there
+            print(f"warning: cannot lock {run_dir} on this file system ({e.strerror}); nothing stops a second "
+                  f"trainer on it", file=sys.stderr)
+            return
     else:
         os.close(fd)
         raise UserError(f"{run_dir} is being trained by {holder(run_dir) or 'another process'}; one run directory has one trainer at a "
@@ -90,6 +95,8 @@ def holder(run_dir):
             return f"pid {o['pid']} on host {o['host']} since {o['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "another process (starting up)"
+    except OSError:  # no locks on this file system: nothing to tell
+        return None
     finally:
         os.close(fd)
 

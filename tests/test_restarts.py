@@ -1,5 +1,9 @@
-"""Which run a worker that torchrun restarted continues: only one its own job started (in-process, no training)."""
+"""A run's owner and torchrun's restarts: which run a restarted worker continues (only one its own job started), and
+training where the file system has no locks (in-process, no training)."""
+import errno
+import fcntl
 import json
+import os
 
 import pytest
 
@@ -42,3 +46,13 @@ def test_a_restart_continues_or_restarts_its_own_jobs_run(tmp_path, restarted):
     _run(tmp_path / "early", rundir.torchrun_job(), checkpoint=False)  # killed before the first save
     resume, replaced, note = rundir.claim(tmp_path / "early", False, False, is_main=True)
     assert (resume, sorted(replaced)) == (False, ["metrics.jsonl", "provenance.json"]) and "starts afresh" in note
+
+
+def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    rundir.own(tmp_path / "run")  # no traceback: a run on such a mount still starts
+    assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run'} on this file system (No locks "
+                                       f"available); nothing stops a second trainer on it\n")
+    assert rundir.holder(tmp_path / "run") is None and list((tmp_path / "run").iterdir()) == []
