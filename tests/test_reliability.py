@@ -310,6 +310,37 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
         assert two[split]["ece"] == pytest.approx(truth[split]["ece"], rel=1e-6, abs=1e-9)
 
 
+def restartable(out, nproc, *args):
+    return [TORCHRUN, f"--nproc_per_node={nproc}", "--max-restarts=1", "--monitor-interval=0.1",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+            *train_args(*args), "--set", "train.save_every=1"]
+
+
+def test_a_worker_torchrun_restarts_resumes_its_run_bit_exactly(reference, fake_root, tmp_path):
+    out = tmp_path / "run"
+    proc = popen(restartable(out, 1, fake_root, out, "--epochs", "3"))
+    wait_until(proc, lambda: len(metric_lines(out)) == 2, "epoch 2's metrics line")
+    os.kill(json.loads((out / rundir.OWNER).read_text())["pid"], signal.SIGKILL)  # the worker, rank 0, owns the run
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stdout + stderr
+    assert "torchrun restart 1: continuing from the last checkpoint" in stdout and "resuming" in stdout, stdout
+    assert_same_state(load(out / "checkpoint.pt"), load(reference / "checkpoint.pt"))
+    assert untimed(metric_lines(out)) == untimed(metric_lines(reference))
+    assert not (out / rundir.OWNER).exists()  # released at the end
+
+
+def test_two_workers_one_killed_before_any_checkpoint_start_afresh(fake_root, tmp_path):
+    out = tmp_path / "run"
+    proc = popen(restartable(out, 2, fake_root, out, "--epochs", "1"))
+    wait_until(proc, lambda: (out / rundir.OWNER).exists() and 1 in worker_pids(proc.pid), "rank 0 owning the run")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stdout + stderr
+    assert "torchrun restart 1: no checkpoint saved yet, so the run starts afresh" in stdout, stdout
+    assert [json.loads(l)["epoch"] for l in metric_lines(out)] == [1]
+    assert load(out / "checkpoint.pt")["epoch"] == 1
+
+
 DIST_EVAL = f"""
 import json, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
