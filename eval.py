@@ -12,6 +12,7 @@ features that weight normalisation needs (features.pt).
 """
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -227,9 +228,11 @@ def evaluate_run(path, args, ctx):
     loss_name, method = cfg_dict["loss"]["name"], config.method_name(config.from_dict(cfg_dict).loss)
     trained = f"--loss {loss_name}" + (" --drw" if method.endswith("-drw") else "")  # as the run was started
     loss_tau = float(cfg_dict["loss"]["tau"]) if loss_name == "la" else 0.0  # the shift the loss already made
-    if not state["finished"]:
-        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}; "
-              f"these are the numbers of a partly trained model")
+    training = rundir.holder(run_dir)  # read, not written: eval.py writes none of the files training writes
+    if not state["finished"] or training:
+        print(f"\nUNFINISHED RUN: {run_dir.name}'s checkpoint is at {checkpoint.describe_progress(state)}"
+              + (f", and it is training now ({training})" if training else "")
+              + "; these are the numbers of a partly trained model")
     if args.posthoc and loss_tau:
         print(f"\nnote: {run_dir.name} was trained with the logit-adjusted loss (tau={loss_tau:g}); post-hoc "
               f"tau={args.tau:g} on top shifts its logits by a total of {loss_tau + args.tau:g} x log prior")
@@ -257,11 +260,16 @@ def evaluate_run(path, args, ctx):
 def main(argv):
     args = parse_args(argv)
     ctx = dist.Context(0, 0, 1, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if args.plot and not Path(args.plot).absolute().parent.is_dir():  # before the evaluation, not after it
+        raise UserError(f"--plot {args.plot}: the folder {Path(args.plot).absolute().parent} does not exist")
     reports = [evaluate_run(p, args, ctx) for p in args.runs]
     if args.plot:
         from la import plots
 
-        plots.per_class(reports, args.plot)
+        try:
+            plots.per_class(reports, args.plot)
+        except OSError as e:
+            raise UserError(f"could not write --plot {args.plot} ({e.strerror or e}); each run's eval.json is written")
         print(f"per-class chart: {args.plot}")
     return 0
 

@@ -43,13 +43,14 @@ def main(argv):
         return train(cfg, args, ctx)
     finally:
         dist.teardown()
+        rundir.release()
 
 
 def train(cfg, args, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     tc = cfg.train
     run_dir = Path(tc.out) if tc.out else config.default_run_dir(cfg)
-    replaced = rundir.check_start(run_dir, args.resume, args.overwrite)
+    resume, replaced, note = rundir.claim(run_dir, args.resume, args.overwrite, ctx.is_main)  # rank 0 owns the run
     dist.barrier()
 
     # ---- data: every rank builds the same subset; the hashes prove it
@@ -60,10 +61,12 @@ def train(cfg, args, ctx):
         raise UserError(f"{len(splits.train_y)} training images make no batch of {tc.batch_size}")
 
     # ---- model, loss, optimizer, runtime: la.build, as eval.py, scripts/bench.py and the tests build them
-    ckpt, note = rundir.load_resumable(run_dir, cfg, splits, ctx.world_size) if args.resume else (None, None)
+    ckpt, resumed_note = rundir.load_resumable(run_dir, cfg, splits, ctx.world_size) if resume else (None, None)
     start = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+    if note:
+        say(note)
     if ckpt:
-        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}" + (f"\n{note}" if note else ""))
+        say(f"resuming {run_dir} at epoch {start[0] + 1}, step {start[1]}" + (f"\n{resumed_note}" if resumed_note else ""))
     t = build.training(cfg, ctx, splits.counts, loader, ckpt)
     if ctx.is_main:  # only now that everything is built: a start that fails leaves the old run whole
         rundir.start(run_dir, cfg, splits, t.runtime, replaced, start if ckpt else None)

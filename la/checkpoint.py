@@ -28,9 +28,12 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk (ENOSPC), a quota: the old file was never touched
+            kept = f"the previous {path.name} is kept whole" if path.exists() else "there was no previous one"
+            raise UserError(f"could not write {path} ({e.strerror or e}); {kept}")
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -65,7 +65,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return self.ALLOWED[module, name]
 
 
-def _read_batch(path, label_key):
+def _read_batch(path, label_key, n_classes):
     try:
         with open(path, "rb") as f:
             d = _CifarUnpickler(f, encoding="latin1").load()  # latin1: the original files are Python 2 pickles
@@ -80,6 +80,10 @@ def _read_batch(path, label_key):
         raise UserError(f"corrupt CIFAR file {path}: {type(e).__name__}: {e}")
     if len(x) != len(y):
         raise UserError(f"corrupt CIFAR file {path}: {len(x)} images but {len(y)} labels")
+    bad = np.flatnonzero((y < 0) | (y >= n_classes))
+    if len(bad):
+        raise UserError(f"corrupt CIFAR file {path}: image {bad[0]} has label {y[bad[0]]}, outside 0..{n_classes - 1}"
+                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     return x, y
 
 
@@ -99,7 +103,7 @@ def _download(root, dataset):
 
 def load_cifar(root, dataset, download=False):
     """Return (train_x, train_y, test_x, test_y): uint8 N x 3 x 32 x 32 and int64 labels, original order."""
-    folder, train_files, test_files, label_key, _, _ = LAYOUT[dataset]
+    folder, train_files, test_files, label_key, n_classes, _ = LAYOUT[dataset]
     base = Path(root) / folder
     missing = [n for n in train_files + test_files if not (base / n).is_file()]
     if missing and download:
@@ -112,7 +116,7 @@ def load_cifar(root, dataset, download=False):
         )
     parts = {}
     for split, names in (("train", train_files), ("test", test_files)):
-        xs, ys = zip(*(_read_batch(base / n, label_key) for n in names))
+        xs, ys = zip(*(_read_batch(base / n, label_key, n_classes) for n in names))
         parts[split] = (np.concatenate(xs), np.concatenate(ys))
     return parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1]
 

@@ -36,7 +36,11 @@ def setup(device_name=None):
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+        # torchrun keeps its store across the restarts it makes (--max-restarts): without a prefix of their own, a
+        # restarted group's ranks read the dead group's addresses and never connect
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+        store = dist.PrefixStore(f"la/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size,
                                 device_id=device if use_cuda else None)
     return Context(rank, local_rank, world_size, device)
 

@@ -66,9 +66,9 @@ def collect(device, precision=None):
     }
 
 
-def record(run_dir, device, precision, resumed_at=None):
+def record(run_dir, device, precision, resumed_at=None, **more):
     """Start RUN/provenance.json afresh, or, for a run resumed at resumed_at = (epoch, step), append this session
-    (a session resumed at the last epoch trained nothing)."""
+    (a session resumed at the last epoch trained nothing), with `more` fields (la.rundir: the torchrun job)."""
     path = Path(run_dir) / "provenance.json"
     sessions = []
     if resumed_at is not None and path.is_file():
@@ -77,7 +77,7 @@ def record(run_dir, device, precision, resumed_at=None):
         except (ValueError, KeyError, TypeError):
             sessions = []  # unreadable: keep what this session knows
     start = {"epoch": 0, "step": 0} if resumed_at is None else {"epoch": resumed_at[0], "step": resumed_at[1]}
-    sessions.append({"resumed": resumed_at is not None, "start": start, **collect(device, precision)})
+    sessions.append({"resumed": resumed_at is not None, "start": start, **collect(device, precision), **more})
     tmp = path.with_name(f".provenance.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"sessions": sessions}, indent=1) + "\n")
     os.replace(tmp, path)

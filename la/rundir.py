@@ -11,9 +11,12 @@ and runs/latest, under the working directory, pointing at the newest run.
 
     python -m la.rundir finished RUN     # exit 0 when RUN's metrics reached its recipe's epochs (for scripts)
 """
+import fcntl
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -30,7 +33,111 @@ RESUMABLE_CHANGES = {"data.root", "data.download", "data.workers", "train.epochs
 DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
 
 
+# ---------------------------------------------------------------- one trainer per run
+
+OWNER = ".owner.json"  # who holds the lock: pid, host, start time (information only; the lock is the flock)
+_held = {}  # run directory -> descriptor of the lock this process holds
+
+
+def own(run_dir):
+    """Make this process the run's only trainer: an exclusive flock on the run directory itself (created if new,
+    and nothing else is), taken atomically and held until release() or until the process ends, however it ends:
+    the kernel drops it with the last descriptor, on SIGKILL too. Another holder is a UserError naming it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise UserError(f"cannot use {run_dir} as a run directory: {e.strerror}")
+    for attempt in range(3):  # a few tries: eval.py's probe (holder) holds the lock for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError as e:  # a file system without flock on directories (some NFS and Lustre mounts): train
+            os.close(fd)      # unguarded, and say so, rather than refuse every run there
+            print(f"warning: cannot lock {run_dir} on this file system ({e.strerror}); nothing stops a second "
+                  f"trainer on it", file=sys.stderr)
+            return
+    else:
+        os.close(fd)
+        raise UserError(f"{run_dir} is being trained by {holder(run_dir) or 'another process'}; one run directory has one trainer at a "
+                        f"time: wait for it to end, stop it, or pass another --out")
+    _held[run_dir] = fd
+    tmp = run_dir / f".owner.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    os.replace(tmp, run_dir / OWNER)
+
+
+def release():
+    """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless)."""
+    for run_dir, fd in list(_held.items()):
+        (run_dir / OWNER).unlink(missing_ok=True)
+        os.close(fd)
+        del _held[run_dir]
+
+
+def holder(run_dir):
+    """'pid P on host H since T' for the process training run_dir now, or None when no process holds it."""
+    if Path(run_dir) in _held:
+        return None
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        try:
+            o = json.loads((Path(run_dir) / OWNER).read_text())
+            return f"pid {o['pid']} on host {o['host']} since {o['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process (starting up)"
+    except OSError:  # no locks on this file system: nothing to tell
+        return None
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- starting and resuming
+
+def claim(run_dir, resume, overwrite, is_main):
+    """Own the run (rank 0) and decide how it starts: (resume?, files to replace, a note for the start-up line).
+    A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) continues its run from the last checkpoint,
+    or starts it afresh when the first attempt died before saving one: the run directory is its own job's."""
+    if resume and not run_dir.is_dir():
+        check_start(run_dir, resume, overwrite)  # refuses: there is nothing to own, and nothing is created
+    if is_main:
+        own(run_dir)
+    restart, note = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0), None
+    if restart and not resume:
+        # the run is this job's only if its provenance says so; else the first attempt stopped before starting
+        # it, perhaps refusing a run already there, and the restart checks the same way again
+        ours = started_by(run_dir) == torchrun_job()
+        resume, overwrite = ours and (run_dir / "checkpoint.pt").is_file(), overwrite or ours
+        note = (f"torchrun restart {restart}: " + ("continuing from the last checkpoint" if resume else
+                                                   "no checkpoint saved yet, so the run starts afresh"))
+    return resume, check_start(run_dir, resume, overwrite), note
+
+
+def torchrun_job():
+    """The torchrun job this worker belongs to, the same in its restarted workers and on every node (None outside
+    torchrun): the rendezvous run id, with the local agent's pid where it is the default 'none' on one node."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    single_node = os.environ.get("WORLD_SIZE") == os.environ.get("LOCAL_WORLD_SIZE")
+    return None if run_id is None else f"{run_id}:{os.getppid()}" if run_id == "none" and single_node else run_id
+
+
+def started_by(run_dir):
+    """The torchrun job that last started or resumed run_dir (its provenance.json), or None."""
+    try:
+        return json.loads((run_dir / "provenance.json").read_text())["sessions"][-1].get("torchrun_job")
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
 
 def check_start(run_dir, resume, overwrite):
     """Refuse to start over an existing run by accident; return the files --overwrite will replace."""
@@ -124,7 +231,7 @@ def start(run_dir, cfg, splits, rt, replaced, resumed_at=None):
     (run_dir / "split.json").write_text(json.dumps(splits.manifest, indent=1) + "\n")
     update_latest(run_dir)
     (run_dir / "runtime.json").write_text(json.dumps(rt.to_dict(), indent=1) + "\n")
-    provenance.record(run_dir, rt.device, rt.precision, resumed_at)
+    provenance.record(run_dir, rt.device, rt.precision, resumed_at, torchrun_job=torchrun_job())
 
 
 def update_latest(run_dir):

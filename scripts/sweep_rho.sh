@@ -114,6 +114,14 @@ one_run() {  # method rho seed
 if [[ -n $EPOCHS ]]; then epochs_said="$EPOCHS epochs"; else epochs_said="the recipe's epochs"; fi
 echo "sweep: $DATASET, ${trained[*]}, rho $RHOS, seeds $SEEDS, $epochs_said, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
 mkdir -p "$OUT"
+# One sweep per OUT at a time: train.py refuses a run another process trains, but a second sweep would stop at
+# the first such run. The flock lasts while this shell or a train.py it started lives, however they end.
+exec 9<>"$OUT/.sweep.lock"
+if ! flock -n 9; then
+    echo "another sweep is running into $OUT ($(cat "$OUT/.sweep.lock")); wait for it to end, or pass another OUT" >&2
+    exit 1
+fi
+echo "pid $$ on host ${HOSTNAME:-$(uname -n)} since $(date '+%Y-%m-%d %H:%M:%S %Z')" > "$OUT/.sweep.lock"
 running=0 failed=0
 for rho in $RHOS; do
     for seed in $SEEDS; do

@@ -2,6 +2,7 @@
 
 Every run here is tiny (generated CIFAR, batch 32, 1-3 epochs, one thread per process).
 """
+import errno
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from conftest import PROTOCOL, REPO, TINY, Payload, run, write_fake_cifar
-from la import build, checkpoint, config, data, dist, engine, runtime
+from la import UserError, build, checkpoint, config, data, dist, engine, rundir, runtime
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 TIMING_KEYS = {"seconds", "img_per_s", "eval_seconds"}
@@ -309,6 +310,37 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
         assert two[split]["ece"] == pytest.approx(truth[split]["ece"], rel=1e-6, abs=1e-9)
 
 
+def restartable(out, nproc, *args):
+    return [TORCHRUN, f"--nproc_per_node={nproc}", "--max-restarts=1", "--monitor-interval=0.1",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+            *train_args(*args), "--set", "train.save_every=1"]
+
+
+def test_a_worker_torchrun_restarts_resumes_its_run_bit_exactly(reference, fake_root, tmp_path):
+    out = tmp_path / "run"
+    proc = popen(restartable(out, 1, fake_root, out, "--epochs", "3"))
+    wait_until(proc, lambda: len(metric_lines(out)) == 2, "epoch 2's metrics line")
+    os.kill(json.loads((out / rundir.OWNER).read_text())["pid"], signal.SIGKILL)  # the worker, rank 0, owns the run
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stdout + stderr
+    assert "torchrun restart 1: continuing from the last checkpoint" in stdout and "resuming" in stdout, stdout
+    assert_same_state(load(out / "checkpoint.pt"), load(reference / "checkpoint.pt"))
+    assert untimed(metric_lines(out)) == untimed(metric_lines(reference))
+    assert not (out / rundir.OWNER).exists()  # released at the end
+
+
+def test_two_workers_one_killed_before_any_checkpoint_start_afresh(fake_root, tmp_path):
+    out = tmp_path / "run"
+    proc = popen(restartable(out, 2, fake_root, out, "--epochs", "1"))
+    wait_until(proc, lambda: (out / rundir.OWNER).exists() and 1 in worker_pids(proc.pid), "rank 0 owning the run")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    rc, stdout, stderr = finish(proc)
+    assert rc == 0, stdout + stderr
+    assert "torchrun restart 1: no checkpoint saved yet, so the run starts afresh" in stdout, stdout
+    assert [json.loads(l)["epoch"] for l in metric_lines(out)] == [1]
+    assert load(out / "checkpoint.pt")["epoch"] == 1
+
+
 DIST_EVAL = f"""
 import json, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -456,6 +488,24 @@ def _planted_batch(b):
     (b / "data_batch_2").write_bytes(pickle.dumps({"data": Payload(b.parent.parent / "pwned"), "labels": [0]}, PROTOCOL))
 
 
+def _label_out_of_range(b):
+    with open(b / "data_batch_4", "rb") as f:
+        batch = pickle.load(f)
+    batch["labels"][3] = 12  # CIFAR-10 has labels 0..9
+    (b / "data_batch_4").write_bytes(pickle.dumps(batch, PROTOCOL))
+
+
+def _locked(d, *argv):
+    """The run owned by another process (this test process) while the command runs."""
+    rundir.own(d.run)
+    return list(argv)
+
+
+def _file_in_the_way(d):
+    (d.case / "afile").write_text("not a folder\n")
+    return ["--out", d.case / "afile" / "run"]
+
+
 def _run_with_an_empty_class(d):
     """The run as if trained with rho 61 before such a rho was refused: class 9 (of 60 images) has none."""
     def edit(ckpt):
@@ -545,6 +595,14 @@ CASES = [
     ("eval-planted-logits-cache", "eval", _planted_cache, "logits.pt was not loaded: it asks to import io.open"),
     ("eval-planted-data", "eval", lambda d: [d.run, *_data_copy(d, _planted_batch)], "data_batch_2 was not loaded"),
     ("existing-run", "train", lambda d: [], "already holds a run"),
+    # one trainer per run: whichever flags a second one passes, it stops before touching anything
+    ("locked-run", "train", _locked, f"is being trained by pid {os.getpid()} on host {socket.gethostname()} since "),
+    ("locked-run-resume", "train", lambda d: _locked(d, "--resume"), f"is being trained by pid {os.getpid()} on host"),
+    ("locked-run-overwrite", "train", lambda d: _locked(d, "--overwrite"), f"is being trained by pid {os.getpid()} on host"),
+    ("out-under-a-file", "train", _file_in_the_way, "afile/run as a run directory: Not a directory"),
+    ("data-label-out-of-range", "train", lambda d: [*_data_copy(d, _label_out_of_range), "--overwrite"],
+     "data_batch_4: image 3 has label 12, outside 0..9"),
+    ("eval-plot-folder-missing", "eval", lambda d: [d.run, "--plot", d.case / "missing" / "p.png"], "/missing does not exist"),
     ("resume-and-overwrite", "train", lambda d: ["--resume", "--overwrite"], "pass one of them"),
     ("resume-without-checkpoint", "train", lambda d: ["--out", d.case / "fresh", "--resume"], "no checkpoint"),
     ("resume-truncated-checkpoint", "train", lambda d: then(_truncate(d.run / "checkpoint.pt"), "--resume"), "truncated or corrupt"),
@@ -583,6 +641,7 @@ CASES = [
 ALLOWED = [
     ("eval-negative-tau-allowed", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1", "--allow-negative-tau"], ""),
     ("eval-raw-empty-class", "eval", _run_with_an_empty_class, ""),
+    ("eval-training-run", "eval", lambda d: _locked(d, d.run), ""),
 ]
 CASE_ENV = {
     # no network: every HTTP(S) request goes to a closed local port
@@ -620,9 +679,12 @@ def bad_input_results(reference, fake_root, odd_root, tmp_path_factory):
     (base / "cases.json").write_text(json.dumps(specs))
     driver = base / "driver.py"
     driver.write_text(DRIVER)
-    run([driver, base / "cases.json", base / "results.json"], cwd=base, timeout=240)
-    results = json.loads((base / "results.json").read_text())
-    return {i: (results[i], before[i], snapshot(base / i)) for i in results}
+    try:
+        run([driver, base / "cases.json", base / "results.json"], cwd=base, timeout=240)
+        results = json.loads((base / "results.json").read_text())
+        return {i: (results[i], before[i], snapshot(base / i)) for i in results}
+    finally:
+        rundir.release()  # the _locked cases' runs
 
 
 @pytest.mark.parametrize("case_id,expected", [(c[0], c[3]) for c in CASES], ids=[c[0] for c in CASES])
@@ -648,6 +710,29 @@ def test_a_run_with_an_empty_class_still_evaluates_raw(bad_input_results):
     result, _, _ = bad_input_results["eval-raw-empty-class"]
     assert result["rc"] == 0, result["stderr"]
     assert "    9:     0" in result["stdout"]  # the per-class table shows its 0 training images
+
+
+def test_eval_reads_a_run_in_training_and_writes_none_of_its_files(bad_input_results):
+    result, before, after = bad_input_results["eval-training-run"]
+    assert result["rc"] == 0, result["stderr"]
+    assert f"it is training now (pid {os.getpid()} on host" in result["stdout"]
+    written = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert written == {"run/eval.json"}, written  # its own report only: no file that training writes
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_atomic({"epoch": 1}, path)
+    old = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"could not write .*checkpoint.pt \(No space left on device\); the previous "
+                                        r"checkpoint.pt is kept whole$"):
+        checkpoint.save_atomic({"epoch": 2}, path)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_floats_without_a_dot_are_floats_not_type_errors():

@@ -135,6 +135,21 @@ def test_sweep_script_end_to_end_one_at_a_time_and_in_parallel(tmp_path, fake_ro
     assert again.stdout.count("(--resume)") == 2 and "epoch   1/1" not in again.stdout  # finished runs: not retrained
 
 
+def test_a_second_sweep_into_the_same_out_stops_at_once(tmp_path, fake_root):
+    import fcntl
+
+    env = sweep_env(fake_root, tmp_path, "twice")
+    (tmp_path / "runs_twice").mkdir()
+    with open(tmp_path / "runs_twice" / ".sweep.lock", "w") as held:  # the first sweep, still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on host h since then\n")
+        held.flush()
+        proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, check=False, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"another sweep is running into {env['OUT']} (pid 4242 on host h since then); wait for it to end, or pass another OUT"]
+    assert os.listdir(env["OUT"]) == [".sweep.lock"]  # no run trained, none started
+
+
 def test_parallel_must_be_a_count(tmp_path):
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env={"PARALLEL": "two"}, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "PARALLEL must be a positive integer, not 'two'"

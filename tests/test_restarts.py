@@ -1,0 +1,58 @@
+"""A run's owner and torchrun's restarts: which run a restarted worker continues (only one its own job started), and
+training where the file system has no locks (in-process, no training)."""
+import errno
+import fcntl
+import json
+import os
+
+import pytest
+
+from la import UserError, rundir
+
+
+@pytest.fixture
+def restarted(monkeypatch):
+    """The environment of a single-node torchrun worker after one restart."""
+    for k, v in {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "1",
+                 "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    yield
+    rundir.release()
+
+
+def _run(d, job, checkpoint=True):
+    d.mkdir()
+    if checkpoint:
+        (d / "checkpoint.pt").write_bytes(b"weights")
+    (d / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (d / "provenance.json").write_text(json.dumps({"sessions": [{"torchrun_job": job}]}))
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_a_restart_refuses_a_run_its_job_did_not_start(tmp_path, restarted):
+    # the first attempt refused an existing run (no --resume, no --overwrite); the restart must refuse it again,
+    # not resume or replace it
+    before = _run(tmp_path / "old", "another job")
+    with pytest.raises(UserError, match="already holds a run"):
+        rundir.claim(tmp_path / "old", False, False, is_main=True)
+    rundir.release()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+
+
+def test_a_restart_continues_or_restarts_its_own_jobs_run(tmp_path, restarted):
+    _run(tmp_path / "ours", rundir.torchrun_job())
+    resume, replaced, note = rundir.claim(tmp_path / "ours", False, False, is_main=True)
+    assert (resume, replaced) == (True, []) and note == "torchrun restart 1: continuing from the last checkpoint"
+    _run(tmp_path / "early", rundir.torchrun_job(), checkpoint=False)  # killed before the first save
+    resume, replaced, note = rundir.claim(tmp_path / "early", False, False, is_main=True)
+    assert (resume, sorted(replaced)) == (False, ["metrics.jsonl", "provenance.json"]) and "starts afresh" in note
+
+
+def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    rundir.own(tmp_path / "run")  # no traceback: a run on such a mount still starts
+    assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run'} on this file system (No locks "
+                                       f"available); nothing stops a second trainer on it\n")
+    assert rundir.holder(tmp_path / "run") is None and list((tmp_path / "run").iterdir()) == []
