@@ -68,7 +68,7 @@ status=0
     fi
     if [[ -n $BENCH ]]; then
         # shellcheck disable=SC2086  # BENCH is a list of flags
-        "$PYTHON" "$REPO/scripts/bench.py" --data-root "$DATA_ROOT" $BENCH --json "$WORK/bench.json" || echo "bench.py failed: exit $?"
+        "$PYTHON" "$REPO/scripts/bench.py" --data-root "$DATA_ROOT" $BENCH --json "$WORK/bench.json" || { rc=$?; echo "bench.py failed: exit $rc"; }
     fi
     if [[ -n $RHOS ]]; then
         bash "$REPO/scripts/sweep_rho.sh" || { rc=$?; echo "sweep_rho.sh failed: exit $rc"; }

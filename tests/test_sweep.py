@@ -264,6 +264,16 @@ def test_gpu_job_continues_runs_from_the_archive_it_packed_with_checkpoints(tmp_
     assert refused.returncode == 2 and "holds no checkpoint (was it packed with CHECKPOINTS=1?)" in refused.stderr
 
 
+def test_gpu_job_whose_benchmark_fails_exits_non_zero_and_still_packs(tmp_path, fake_root):
+    """A benchmark-only job whose bench.py fails was reported as a success (exit 0): the CPU dry run of the GPU
+    queue's job 1 found it."""
+    env = {"DATA_ROOT": str(fake_root), "RHOS": "", "PYTHON": sys.executable, "WORK": "work", "ARCHIVE_DIR": "out",
+           "BENCH": "--no-such-flag", "MPS": "0"}
+    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, check=False, timeout=120)
+    assert proc.returncode == 2 and "bench.py failed: exit 2" in proc.stdout
+    assert "packed" in proc.stdout and (tmp_path / "out" / "results.tar.gz").is_file()
+
+
 def test_gpu_job_without_data_says_so(tmp_path):
     proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False,
                env={"ARCHIVE_DIR": str(tmp_path / "out"), "DATA_ROOT": str(tmp_path / "nothing")})
