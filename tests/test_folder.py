@@ -112,3 +112,20 @@ def test_inaturalist_json_list(toy, tmp_path):
     s = folder.prepare(cfg(root, dataset="list", train_list=str(tmp_path / "train.json"),
                            test_list=str(tmp_path / "test.txt")))
     assert s.counts == [56, 24, 9, 3, 2] and s.test_y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_folder_run_resumed_by_train_py_ends_as_an_uninterrupted_one(toy, tmp_path):
+    """train.py --resume on a folder run: 1 epoch then 1 more is the 2-epoch run, weights and metrics (bar timing)."""
+    root, _ = toy
+    base = [REPO / "train.py", "--data-root", root] + FOLDER_TINY + ["--set", "train.eval_every=2"]
+    run(base + ["--epochs", "2", "--out", tmp_path / "whole"], tmp_path)
+    run(base + ["--epochs", "1", "--out", tmp_path / "split"], tmp_path)
+    run(base + ["--epochs", "2", "--out", tmp_path / "split", "--resume"], tmp_path)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untimed = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "eval_seconds", "img_per_s")}
+                         for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    whole, split = untimed("whole"), untimed("split")
+    assert len(whole) == len(split) == 2 and whole[1] == split[1]  # the last epoch, evaluated, alike
+    # epoch 1 was the split run's last, so it was evaluated there too: its training figures are the same
+    assert whole[0] == {k: v for k, v in split[0].items() if k in whole[0]}
