@@ -16,6 +16,7 @@ import torch
 import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
+from la.data import Normalize, _Planned, shard
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,16 +246,14 @@ class _Items(torch.utils.data.Sampler):
         return len(self.items)
 
 
-class FolderLoader:
+class FolderLoader(_Planned):
     """Training batches of an ImageList through DataLoader workers, on la.data's epoch plan (the same permutation
     and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
     neither the worker count nor a mid-epoch resume changes a batch."""
 
     def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
-        from la.data import Normalize
-
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(images), batch_size, rank, world_size, seed
-        self.device, self.augment = device, augment
+        self.device, self.augment, self.drop_last = device, augment, False
         self.sampler = _Items()
         cuda = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
@@ -262,15 +261,8 @@ class FolderLoader:
             sampler=self.sampler, num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
         self.normalize = Normalize(device, channels_last, mean=images.mean, std=images.std)
 
-    def steps(self, epoch):
-        from la.data import epoch_plan
-
-        return len(epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch))
-
     def batches(self, epoch, start_step=0):
-        from la.data import epoch_plan, shard
-
-        plan = epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch)[start_step:]
+        plan = self.plan(epoch)[start_step:]
         key = epoch if self.augment else None
         self.sampler.items = [(key, int(i)) for b in plan for i in shard(b, self.rank, self.world_size)]
         if not plan:
