@@ -36,13 +36,14 @@ DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
 # ---------------------------------------------------------------- one trainer per run
 
 OWNER = ".owner.json"  # who holds the lock: pid, host, start time (information only; the lock is the flock)
-_held = {}  # run directory -> descriptor of the lock this process holds
+_held = {}  # run directory -> (descriptor of the lock this process holds, whether this process created the directory)
 
 
 def own(run_dir):
     """Make this process the run's only trainer: an exclusive flock on the run directory itself (created if new,
     and nothing else is), taken atomically and held until release() or until the process ends, however it ends:
     the kernel drops it with the last descriptor, on SIGKILL too. Another holder is a UserError naming it."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -63,7 +64,7 @@ def own(run_dir):
         os.close(fd)
         raise UserError(f"{run_dir} is being trained by {holder(run_dir) or 'another process'}; one run directory has one trainer at a "
                         f"time: wait for it to end, stop it, or pass another --out")
-    _held[run_dir] = fd
+    _held[run_dir] = fd, created
     tmp = run_dir / f".owner.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
@@ -71,9 +72,15 @@ def own(run_dir):
 
 
 def release():
-    """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless)."""
-    for run_dir, fd in list(_held.items()):
+    """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless). A run
+    directory this process created and left empty (a start that failed before writing anything) goes too."""
+    for run_dir, (fd, created) in list(_held.items()):
         (run_dir / OWNER).unlink(missing_ok=True)
+        if created:
+            try:
+                run_dir.rmdir()  # only if empty: never anything a run wrote
+            except OSError:
+                pass
         os.close(fd)
         del _held[run_dir]
 

@@ -56,3 +56,19 @@ def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monk
     assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run'} on this file system (No locks "
                                        f"available); nothing stops a second trainer on it\n")
     assert rundir.holder(tmp_path / "run") is None and list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_failed_fresh_start_leaves_no_empty_run_directory(tmp_path):
+    # a start that fails after owning the run (a missing dataset, say) must not leave an empty --out behind;
+    # a directory that was already there, or that the run wrote into, stays
+    rundir.own(tmp_path / "new")
+    rundir.release()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    rundir.own(tmp_path / "there")
+    rundir.release()
+    assert (tmp_path / "there").is_dir()
+    rundir.own(tmp_path / "written")
+    (tmp_path / "written" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    rundir.release()
+    assert [p.name for p in (tmp_path / "written").iterdir()] == ["metrics.jsonl"]
