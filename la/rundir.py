@@ -161,10 +161,13 @@ def check_start(run_dir, resume, overwrite):
 def check_resumable(cfg, saved, epochs_begun):
     """The resumed run must learn the same thing it started learning. Deferred re-weighting may be switched on or
     off, or moved, while the checkpoint (with `epochs_begun` epochs begun) predates it under both settings: nothing
-    trained so far depended on it. That is how LDAM and LDAM-DRW share their first 160 epochs."""
+    trained so far depended on it. That is how LDAM and LDAM-DRW share their first 160 epochs. train.epochs may
+    change (run longer or shorter) but under a cosine schedule, whose decay it sets, once training has begun."""
     now, then = dict(config.flatten(config.to_dict(cfg))), dict(config.flatten(config.to_dict(config.from_dict(saved))))
     drw_start = lambda c: c["loss.drw_epoch"] if c["loss.drw"] else float("inf")
     free = RESUMABLE_CHANGES | (DRW_KEYS if epochs_begun <= min(drw_start(now), drw_start(then)) else set())
+    if now["optim.schedule"] == "cosine" and epochs_begun:
+        free = free - {"train.epochs"}  # the cosine spans train.epochs: another length is another learning rate
     changed = sorted(k for k in now if now[k] != then[k] and k not in free)
     if changed:
         k = changed[0]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from la import UserError, build, config
+from la import UserError, build, config, rundir
 
 STEPS_PER_EPOCH = 7  # any count: the formulas below are per epoch or per step of it
 
@@ -125,3 +125,15 @@ def test_imagenet_and_inaturalist_recipes_warm_up_then_decay_on_a_cosine(recipe)
 def test_cosine_with_milestones_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"optim.milestones \[60\] are for optim.schedule=step"):
         config.build(overrides=[("optim.schedule", "cosine"), ("optim.milestones", "[60]")])
+
+
+def test_a_cosine_run_resumes_longer_only_before_it_has_begun():
+    # the cosine decays to 0 at train.epochs: resuming with another --epochs would change the learning rate of
+    # every remaining step, so it is refused once training has begun; a step schedule may run longer
+    cosine = [("optim.schedule", "cosine"), ("optim.milestones", [])]
+    saved = config.to_dict(config.build(overrides=cosine))
+    longer = config.build(overrides=cosine + [("train.epochs", 300)])
+    rundir.check_resumable(longer, saved, 0)
+    with pytest.raises(UserError, match="train.epochs=200"):
+        rundir.check_resumable(longer, saved, 1)
+    rundir.check_resumable(config.build(overrides=[("train.epochs", 300)]), config.to_dict(config.build()), 150)
