@@ -369,11 +369,14 @@ class TensorLoader(_Planned):
                 yield norm(crop_flip(x, offsets[idx], flips[idx], self.crop_pad)), self.y[idx]
 
 
-class _PlanSampler(torch.utils.data.Sampler):
-    """This rank's (epoch, index) items of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch."""
+class PlanSampler(torch.utils.data.Sampler):
+    """This rank's (key, index) items of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch;
+    key is the epoch the augmentation is drawn for. set() before each pass (a persistent worker pool keeps one)."""
+    items = ()
 
-    def __init__(self, plan, rank, world_size, epoch):
-        self.items = [(epoch, int(i)) for b in plan for i in shard(b, rank, world_size)]
+    def set(self, plan, rank, world_size, key):
+        self.items = [(key, int(i)) for b in plan for i in shard(b, rank, world_size)]
+        return self
 
     def __iter__(self):
         return iter(self.items)
@@ -432,7 +435,7 @@ class TorchvisionLoader(_Planned):
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size // self.world_size,
-            sampler=_PlanSampler(plan, self.rank, self.world_size, epoch),
+            sampler=PlanSampler().set(plan, self.rank, self.world_size, epoch),
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         # the last batch may be shorter; the sampler already holds whole per-rank batches, so this stays aligned
         for x, y in loader:

@@ -16,7 +16,7 @@ import torch
 import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
-from la.data import Normalize, _Planned, shard
+from la.data import Normalize, PlanSampler, _Planned
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,8 +71,10 @@ def read_list(path, root):
     return paths, np.asarray([int(c) for _, c in pairs], dtype=np.int64)
 
 
-def carve_validation(labels, per_class, seed):
-    """Indices (train, val): per class, min(per_class, half its images) drawn for validation, seeded."""
+def hold_out_validation(labels, per_class, seed):
+    """Indices (train, val): per class, min(per_class, half its images) drawn for validation, seeded. Unlike
+    la.data.carve_validation (CIFAR's, from the images its subset left out), a folder is long-tailed already:
+    the validation images come out of its own training list."""
     rng = np.random.RandomState(seed + 1_000_003)
     val = []
     for c in range(int(labels.max()) + 1):
@@ -123,7 +125,7 @@ def prepare(dc):
         raise UserError(f"no training images (.jpg, .jpeg, .png) under {dc.root}")
     carved = "val" not in parts
     if carved:
-        train_idx, val_idx = carve_validation(labels, dc.val_per_class, dc.subset_seed)
+        train_idx, val_idx = hold_out_validation(labels, dc.val_per_class, dc.subset_seed)
         parts["val"] = ([paths[i] for i in val_idx], labels[val_idx])
         parts["train"] = ([paths[i] for i in train_idx], labels[train_idx])
     counts = np.bincount(parts["train"][1], minlength=len(classes)).tolist()
@@ -235,17 +237,6 @@ class ImageList:
             raise UserError(one_line(e))
 
 
-class _Items(torch.utils.data.Sampler):
-    """The (epoch, index) items of this rank's share of an epoch plan; set before each pass."""
-    items = []
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-
 class FolderLoader(_Planned):
     """Training batches of an ImageList through DataLoader workers, on la.data's epoch plan (the same permutation
     and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
@@ -254,7 +245,7 @@ class FolderLoader(_Planned):
     def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(images), batch_size, rank, world_size, seed
         self.device, self.augment, self.drop_last = device, augment, False
-        self.sampler = _Items()
+        self.sampler = PlanSampler()
         cuda = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             _Images(images.paths, images.labels, images.size, seed), batch_size=batch_size // world_size,
@@ -264,7 +255,7 @@ class FolderLoader(_Planned):
     def batches(self, epoch, start_step=0):
         plan = self.plan(epoch)[start_step:]
         key = epoch if self.augment else None
-        self.sampler.items = [(key, int(i)) for b in plan for i in shard(b, self.rank, self.world_size)]
+        self.sampler.set(plan, self.rank, self.world_size, key)
         if not plan:
             return
         try:
