@@ -36,14 +36,14 @@ DRW_KEYS = {"loss.drw", "loss.drw_epoch", "loss.drw_beta"}
 # ---------------------------------------------------------------- one trainer per run
 
 OWNER = ".owner.json"  # who holds the lock: pid, host, start time (information only; the lock is the flock)
-_held = {}  # run directory -> (descriptor of the lock this process holds, whether this process created the directory)
+_held = {}  # run directory -> (descriptor of the lock this process holds, the folders its mkdir created, deepest first)
 
 
 def own(run_dir):
     """Make this process the run's only trainer: an exclusive flock on the run directory itself (created if new,
     and nothing else is), taken atomically and held until release() or until the process ends, however it ends:
     the kernel drops it with the last descriptor, on SIGKILL too. Another holder is a UserError naming it."""
-    created = not run_dir.exists()
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first; [] for an existing one
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -73,14 +73,15 @@ def own(run_dir):
 
 def release():
     """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless). A run
-    directory this process created and left empty (a start that failed before writing anything) goes too."""
+    directory this process created and left empty (a start that failed before writing anything) goes too, with
+    the parent folders created for it."""
     for run_dir, (fd, created) in list(_held.items()):
         (run_dir / OWNER).unlink(missing_ok=True)
-        if created:
+        for d in created:
             try:
-                run_dir.rmdir()  # only if empty: never anything a run wrote
+                d.rmdir()  # only if empty: never anything a run wrote, nor a folder something else filled since
             except OSError:
-                pass
+                break
         os.close(fd)
         del _held[run_dir]
 

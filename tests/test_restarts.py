@@ -72,3 +72,11 @@ def test_a_failed_fresh_start_leaves_no_empty_run_directory(tmp_path):
     (tmp_path / "written" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     rundir.release()
     assert [p.name for p in (tmp_path / "written").iterdir()] == ["metrics.jsonl"]
+    # the parent folders its mkdir made go with it, up to the first folder that was there or is not empty
+    rundir.own(tmp_path / "runs" / "sweep" / "rho100")
+    rundir.release()
+    assert not (tmp_path / "runs").exists()
+    rundir.own(tmp_path / "runs" / "sweep" / "rho100")
+    (tmp_path / "runs" / "notes.txt").write_text("a sibling written meanwhile\n")
+    rundir.release()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["notes.txt"]
