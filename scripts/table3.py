@@ -5,9 +5,10 @@
     python scripts/table3.py --check   # exit 1 unless RESULTS.md and README.md hold exactly these tables
 
 Per row: the mean ± sample std over seeds with n, each seed's value, the paper's number (Menon et al., Table 3) and,
-where one exists, the authors' released code's (its README), and the schedule the runs trained under. Then the paired
-differences that matter, seed by seed. Runs are results/{paper,cao}_cifar10/cifar10-lt_rho100_{method}_s{seed}/; a
-seed not committed yet is left out of n, a run that did not finish is left out and named.
+where one exists, the authors' released code's (its README), and the schedule the runs trained under; a row for each
+schedule with a run of it. Then the paired differences that matter, seed by seed within one schedule. Runs are
+results/{paper,cao}_cifar10/cifar10-lt_rho100_{method}_s{seed}/; a seed not committed yet is left out of n, a run
+that did not finish is left out.
 """
 import argparse
 import json
@@ -48,22 +49,17 @@ def wnorm_on_validation(r):
     return r["wnorm_sweep"]["validation_chosen"]["test_top1"], ("T", r["wnorm_sweep"]["validation_chosen"]["tau"])
 
 
-# (row label, schedule, run method, value, paper, authors' code)
+# (row label, run method, value, paper, authors' code); each row is given per schedule that has a run of it
 ROWS = (
-    ("ERM: plain CE", "paper", "ce", raw, 72.84, 71.36),
-    ("ERM: plain CE", "cao", "ce", raw, 72.84, 71.36),
-    ("weight normalisation, T = 1", "paper", "ce", wnorm, 75.98, None),
-    ("weight normalisation, T on validation", "paper", "ce", wnorm_on_validation, None, None),
-    ("LDAM", "paper", "ldam", raw, 73.35, None),
-    ("LDAM", "cao", "ldam", raw, 73.35, None),
-    ("LDAM-DRW", "paper", "ldam-drw", raw, 77.03, None),
-    ("LDAM-DRW", "cao", "ldam-drw", raw, 77.03, None),
-    ("CE + post-hoc, tau = 1", "paper", "ce", posthoc, 77.40, 77.32),
-    ("CE + post-hoc, tau = 1", "cao", "ce", posthoc, 77.40, 77.32),
-    ("CE + post-hoc, tau on validation", "paper", "ce", tau_on_validation, None, None),
-    ("LA loss, tau = 1", "paper", "la", raw, 77.67, 77.89),
-    ("LA loss, tau = 1", "cao", "la", raw, 77.67, 77.89),
-    ("LA loss + post-hoc, t on validation", "paper", "la", tau_on_validation, None, None),
+    ("ERM: plain CE", "ce", raw, 72.84, 71.36),
+    ("weight normalisation, T = 1", "ce", wnorm, 75.98, None),
+    ("weight normalisation, T on validation", "ce", wnorm_on_validation, None, None),
+    ("LDAM", "ldam", raw, 73.35, None),
+    ("LDAM-DRW", "ldam-drw", raw, 77.03, None),
+    ("CE + post-hoc, tau = 1", "ce", posthoc, 77.40, 77.32),
+    ("CE + post-hoc, tau on validation", "ce", tau_on_validation, None, None),
+    ("LA loss, tau = 1", "la", raw, 77.67, 77.89),
+    ("LA loss + post-hoc, t on validation", "la", tau_on_validation, None, None),
 )
 
 
@@ -107,10 +103,11 @@ def published(v):
 def main_rows():
     """(label, schedule, {seed: value}, paper, authors) of every row with at least one run."""
     rows = []
-    for label, schedule, method, value, paper, authors in ROWS:
-        got = values(schedule, method, value)
-        if got:
-            rows.append((label, schedule, got, paper, authors))
+    for label, method, value, paper, authors in ROWS:
+        for schedule in SCHEDULES:
+            got = values(schedule, method, value)
+            if got:
+                rows.append((label, schedule, got, paper, authors))
     return rows
 
 
@@ -132,27 +129,29 @@ def readme_table():
     return "\n".join(lines)
 
 
-# (label, (schedule, method, value) of the minuend, the same of the subtrahend)
+# (label, (method, value) of the minuend, the same of the subtrahend); each is taken within one schedule
 DIFFERENCES = (
-    ("LA loss minus CE + post-hoc tau = 1", ("paper", "la", raw), ("paper", "ce", posthoc)),
-    ("CE + post-hoc: tau on validation minus tau = 1", ("paper", "ce", tau_on_validation), ("paper", "ce", posthoc)),
-    ("LDAM-DRW (paper schedule) minus LA loss", ("paper", "ldam-drw", raw), ("paper", "la", raw)),
-    ("LDAM-DRW (Cao et al.'s schedule) minus LA loss", ("cao", "ldam-drw", raw), ("paper", "la", raw)),
+    ("LA loss minus CE + post-hoc tau = 1", ("la", raw), ("ce", posthoc)),
+    ("CE + post-hoc: tau on validation minus tau = 1", ("ce", tau_on_validation), ("ce", posthoc)),
+    ("LDAM-DRW minus LA loss", ("ldam-drw", raw), ("la", raw)),
 )
 
 
 def differences_table():
-    lines = ["| paired difference (points) | seed 0 | seed 1 | seed 2 | mean ± sd (n) |", "|---|---|---|---|---|"]
+    lines = ["| paired difference (points) | schedule | seed 0 | seed 1 | seed 2 | mean ± sd (n) |",
+             "|---|---|---|---|---|---|"]
     for label, a, b in DIFFERENCES:
-        va, vb = values(*a), values(*b)
-        paired = {s: va[s][0] - vb[s][0] for s in SEEDS if s in va and s in vb}
-        if not paired:
-            continue
-        seeds = []
-        for s in SEEDS:
-            note = RULE_RUNS.get(a[:2] + (s,)) if a[2] is tau_on_validation else None
-            seeds.append(MISSING if s not in paired else f"{paired[s]:+.2f}" + (f" ({note})" if note else ""))
-        lines.append(f"| {label} | " + " | ".join(seeds) + f" | {mean_sd(list(paired.values()))} |")
+        for schedule in SCHEDULES:
+            va, vb = values(schedule, *a), values(schedule, *b)
+            paired = {s: va[s][0] - vb[s][0] for s in SEEDS if s in va and s in vb}
+            if not paired:
+                continue
+            seeds = []
+            for s in SEEDS:
+                note = RULE_RUNS.get((schedule, a[0], s)) if a[1] is tau_on_validation else None
+                seeds.append(MISSING if s not in paired else f"{paired[s]:+.2f}" + (f" ({note})" if note else ""))
+            lines.append(f"| {label} | {SCHEDULES[schedule][0].split('_')[0]} | " + " | ".join(seeds)
+                         + f" | {mean_sd(list(paired.values()))} |")
     return "\n".join(lines)
 
 

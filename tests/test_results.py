@@ -112,3 +112,20 @@ def test_table3_follows_eval_json_and_counts_seeds(tmp_path, monkeypatch):
     runs[2]["finished"] = False  # an unfinished run leaves the mean
     (s2 / "eval.json").write_text(json.dumps(runs[2]))
     assert cells(table3.results_table(), "ERM: plain CE")[1].endswith("(n = 2)**")
+
+
+def test_table3_differences_pair_runs_of_one_schedule(tmp_path, monkeypatch):
+    """LDAM-DRW under Cao et al.'s schedule is paired with the LA loss under that schedule, not the paper's."""
+    results = tmp_path / "results"
+    for schedule, method in (("paper", "la"), ("cao", "ldam-drw"), ("cao", "la")):
+        run = f"{table3.SCHEDULES[schedule][0]}/cifar10-lt_rho100_{method}_s0"
+        source = run if (schedule, method) != ("cao", "la") else "paper_cifar10/cifar10-lt_rho100_la_s0"
+        shutil.copytree(REPO / "results" / source, results / run)
+    cao_la = results / "cao_cifar10" / "cifar10-lt_rho100_la_s0" / "eval.json"
+    rep = json.loads(cao_la.read_text())
+    rep["test"]["raw"]["top1"] = 70.0
+    cao_la.write_text(json.dumps(rep))
+    monkeypatch.setattr(table3, "RESULTS", results)
+    drw = report("cao_cifar10/cifar10-lt_rho100_ldam-drw_s0")["test"]["raw"]["top1"]
+    table = table3.differences_table()
+    assert cells(table, "LDAM-DRW minus LA loss")[:2] == ["cao", f"{drw - 70.0:+.2f}"]
