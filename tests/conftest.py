@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repository_runs_untouched():
+    """No test trains with the repository as its working directory: train.py points runs/latest under the working
+    directory, so such a test would repoint a user's runs/latest (what plain `python eval.py` reads) at its
+    temporary run. Tests pass cwd=tmp_path and the scripts' full paths."""
+    latest = REPO / "runs" / "latest"
+    target = lambda: os.readlink(latest) if latest.is_symlink() else None
+    before = target()
+    yield
+    assert target() == before, f"a test repointed {latest} (at {target()}): run it with cwd=tmp_path"
+
+
 # Pickle protocol of the generated files: 4, as CIFAR re-pickled by Python 3 (test_data.py tries 3 and 5 too).
 PROTOCOL = 4
 

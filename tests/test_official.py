@@ -197,14 +197,14 @@ def test_official_recipe_trains_resumes_and_evaluates_with_its_own_scaling(fake_
     eval.py scaling the inputs as the run trained (x / 255 - 0.5, from the recorded config)."""
     short = ["--config", OFFICIAL10, *TINY, "--data-root", fake_root, "--loss", "la", "--set", "optim.warmup_epochs=1",
              "--set", "optim.milestones=[1]", "--set", "train.batch_size=64", "--out", tmp_path / "run"]
-    run(["train.py", *short, "--epochs", "1"], cwd=REPO)
-    run(["train.py", *short, "--epochs", "2", "--resume"], cwd=REPO)
+    run([REPO / "train.py", *short, "--epochs", "1"], cwd=tmp_path)
+    run([REPO / "train.py", *short, "--epochs", "2", "--resume"], cwd=tmp_path)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [2e-4, 0.0]
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = ckpt["split_manifest"]["train_size"] // 64  # full batches only
     assert [l["lr"] for l in lines] == pytest.approx([0.1 * (steps - 1) / steps, 0.01])  # warm-up from 0: utils.py
-    run(["eval.py", tmp_path / "run"], cwd=REPO)
+    run([REPO / "eval.py", tmp_path / "run"], cwd=tmp_path)
     cached = torch.load(tmp_path / "run" / "logits.pt", weights_only=True)
     net = models.build("resnet32_tf", 10)
     net.load_state_dict(ckpt["model"])

@@ -38,13 +38,14 @@ def env(**extra):
 
 
 def train_args(data_root, out, *extra):
-    return ["train.py", *TINY, "--data-root", data_root, "--out", out, *extra]
+    return [REPO / "train.py", *TINY, "--data-root", data_root, "--out", out, *extra]
 
 
-def popen(args, **extra_env):
-    """Start a command as conftest.run would (python for a .py), for a test that signals it."""
+def popen(args, cwd, **extra_env):
+    """Start a command as conftest.run would (python for a .py), for a test that signals it. `cwd` is the test's
+    own folder: train.py points runs/latest under it, which must not be the repository's."""
     cmd = ([sys.executable] if str(args[0]).endswith(".py") else []) + [str(a) for a in args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc, timeout=120):
@@ -132,7 +133,7 @@ def odd_root(tmp_path_factory):
 def reference(fake_root, tmp_path_factory):
     """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    run(train_args(fake_root, out, "--epochs", "3"), cwd=REPO)
+    run(train_args(fake_root, out, "--epochs", "3"), cwd=out.parent)
     return out
 
 
@@ -143,11 +144,11 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
     ckpt_path = out / "checkpoint.pt"
 
     # A: stop cleanly after epoch 1 (the schedule does not depend on train.epochs, so this is an epoch-end stop)
-    run(train_args(fake_root, out, "--epochs", "1"), cwd=REPO)
+    run(train_args(fake_root, out, "--epochs", "1"), cwd=tmp_path)
     assert (load(ckpt_path)["epoch"], load(ckpt_path)["step"]) == (1, 0)
 
     # B: resume; SIGTERM once epoch 2 is written, so the stop lands inside epoch 3
-    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"))
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"), tmp_path)
     wait_until(proc, lambda: len(metric_lines(out)) == 2, "epoch 2's metrics line")
     proc.send_signal(signal.SIGTERM)
     rc, stdout, stderr = finish(proc)
@@ -161,7 +162,7 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
     assert len(metric_lines(out)) == 2
 
     # C: resume; SIGKILL the moment epoch 3's line appears, i.e. while the final checkpoint is being written
-    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"))
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--resume"), tmp_path)
     wait_until(proc, lambda: len(metric_lines(out)) == 3, "epoch 3's metrics line")
     proc.kill()
     finish(proc)
@@ -169,7 +170,7 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
     assert (ckpt["epoch"], ckpt["step"]) in (stopped_at, (3, 0))
 
     # D: resume to the end
-    run(train_args(fake_root, out, "--epochs", "3", "--resume"), cwd=REPO)
+    run(train_args(fake_root, out, "--epochs", "3", "--resume"), cwd=tmp_path)
     assert_same_state(load(ckpt_path), load(reference / "checkpoint.pt"))
     assert untimed(metric_lines(out)) == untimed(metric_lines(reference))
     assert not list(out.glob(".checkpoint.pt.*")), "a killed save's temporary file was left behind"
@@ -183,7 +184,7 @@ def test_resume_is_bit_exact_after_clean_stop_sigterm_and_sigkill(reference, fak
 def test_save_every_writes_only_its_epochs_and_the_last(reference, fake_root, tmp_path):
     out = tmp_path / "run"
     ckpt_path, seen, last_stat = out / "checkpoint.pt", [], None
-    proc = popen(train_args(fake_root, out, "--epochs", "3", "--set", "train.save_every=2"))
+    proc = popen(train_args(fake_root, out, "--epochs", "3", "--set", "train.save_every=2"), tmp_path)
     while proc.poll() is None:  # every checkpoint this run writes, as it appears (each is an atomic rename)
         stat = ckpt_path.stat() if ckpt_path.exists() else None
         if stat and (stat.st_ino, stat.st_mtime_ns) != last_stat:
@@ -200,7 +201,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(fake
     out = tmp_path / "run"
     # lr x 1e30 from epoch 2 on: epoch 1 trains normally, epoch 2 blows up within a few steps
     proc = run(train_args(fake_root, out, "--epochs", "2", "--set", "optim.warmup_epochs=0",
-                         "--set", "optim.milestones=[1]", "--set", "optim.gamma=1e30"), cwd=REPO, check=False)
+                         "--set", "optim.milestones=[1]", "--set", "optim.gamma=1e30"), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss at epoch 2, step "), proc.stderr
@@ -276,7 +277,7 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
     out = tmp_path / "run"
     cmd = lambda *extra: [TORCHRUN, "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                           *train_args(odd_root, out, "--epochs", "2", *extra)]
-    proc = popen(cmd())
+    proc = popen(cmd(), tmp_path)
     wait_until(proc, lambda: len(metric_lines(out)) == 1, "epoch 1's metrics line")
     os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)  # only rank 1 is told: rank 0 must stop with it
     rc, stdout, stderr = finish(proc)
@@ -287,7 +288,7 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
     assert ckpt["epoch"] == 1 and ckpt["step"] >= 1
     assert float(ckpt["partial"][2]) == 32 * ckpt["step"], "rank 0 must carry both ranks' running sums"
 
-    rc, stdout, stderr = finish(popen(cmd("--resume")))
+    rc, stdout, stderr = finish(popen(cmd("--resume"), tmp_path))
     assert rc == 0, stdout + stderr
     final = json.loads(metric_lines(out)[-1])
     assert final["epoch"] == 2 and len(metric_lines(out)) == 2
@@ -301,7 +302,7 @@ def test_torchrun_sigterm_on_one_rank_stops_all_then_resume_and_exact_eval(odd_r
     helper = tmp_path / "dist_eval.py"
     helper.write_text(DIST_EVAL)
     run([TORCHRUN, "--nproc_per_node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", helper,
-         out / "checkpoint.pt", odd_root, tmp_path / "dist_eval.json"], cwd=REPO)
+         out / "checkpoint.pt", odd_root, tmp_path / "dist_eval.json"], cwd=tmp_path)
     two = json.loads((tmp_path / "dist_eval.json").read_text())
     for split in ("val", "test"):
         for key in ("top1", "balanced_acc", "per_class", "many", "medium", "few"):
@@ -318,7 +319,7 @@ def restartable(out, nproc, *args):
 
 def test_a_worker_torchrun_restarts_resumes_its_run_bit_exactly(reference, fake_root, tmp_path):
     out = tmp_path / "run"
-    proc = popen(restartable(out, 1, fake_root, out, "--epochs", "3"))
+    proc = popen(restartable(out, 1, fake_root, out, "--epochs", "3"), tmp_path)
     wait_until(proc, lambda: len(metric_lines(out)) == 2, "epoch 2's metrics line")
     os.kill(json.loads((out / rundir.OWNER).read_text())["pid"], signal.SIGKILL)  # the worker, rank 0, owns the run
     rc, stdout, stderr = finish(proc)
@@ -331,7 +332,7 @@ def test_a_worker_torchrun_restarts_resumes_its_run_bit_exactly(reference, fake_
 
 def test_two_workers_one_killed_before_any_checkpoint_start_afresh(fake_root, tmp_path):
     out = tmp_path / "run"
-    proc = popen(restartable(out, 2, fake_root, out, "--epochs", "1"))
+    proc = popen(restartable(out, 2, fake_root, out, "--epochs", "1"), tmp_path)
     wait_until(proc, lambda: (out / rundir.OWNER).exists() and 1 in worker_pids(proc.pid), "rank 0 owning the run")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     rc, stdout, stderr = finish(proc)
@@ -357,22 +358,22 @@ dist.teardown()
 
 # ---------------------------------------------------------------- 5, 6: multi-node on loopback; identical data on every rank
 
-def two_nodes(args, port, node_env=({}, {})):
+def two_nodes(args, port, cwd, node_env=({}, {})):
     procs = [popen([TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node-rank={k}", "--master-addr=127.0.0.1",
-                    f"--master-port={port}", *args], **node_env[k]) for k in (0, 1)]
+                    f"--master-port={port}", *args], cwd, **node_env[k]) for k in (0, 1)]
     return [finish(p, timeout=150) for p in procs]
 
 
 def test_two_nodes_on_loopback_train_and_evaluate_exactly(odd_root, tmp_path):
     out = tmp_path / "run"
-    results = two_nodes(train_args(odd_root, out, "--epochs", "1"), free_port())
+    results = two_nodes(train_args(odd_root, out, "--epochs", "1"), free_port(), tmp_path)
     for k, (rc, stdout, stderr) in enumerate(results):
         assert rc == 0, f"node {k}\n{stdout}\n{stderr}"
     assert "2 x cpu" in results[0][1]
     (line,) = metric_lines(out)
     final = json.loads(line)
     assert "test_top1" in final and "val_top1" in final
-    run(["eval.py", out, "--data-root", odd_root], cwd=REPO)  # one process
+    run([REPO / "eval.py", out, "--data-root", odd_root], cwd=tmp_path)  # one process
     report = json.loads((out / "eval.json").read_text())
     for split in ("val", "test"):
         for key in ("top1", "balanced_acc"):
@@ -389,8 +390,8 @@ def test_a_node_with_other_or_no_data_fails_loudly_at_startup(fake_root, tmp_pat
     out = tmp_path / "run"
     args = train_args(fake_root, out, "--epochs", "1")
     args = args[:args.index("--data-root")] + args[args.index("--data-root") + 2:]  # each node its own LA_DATA_ROOT
-    (rc0, _, err0), (rc1, _, err1) = two_nodes(args, free_port(), ({"LA_DATA_ROOT": str(fake_root)},
-                                                                    {"LA_DATA_ROOT": str(node1_root)}))
+    (rc0, _, err0), (rc1, _, err1) = two_nodes(args, free_port(), tmp_path,
+                                                       ({"LA_DATA_ROOT": str(fake_root)}, {"LA_DATA_ROOT": str(node1_root)}))
     assert rc0 != 0 and rc1 != 0
     errors0 = [l for l in err0.splitlines() if l.startswith("error: ")]
     errors1 = [l for l in err1.splitlines() if l.startswith("error: ")]
