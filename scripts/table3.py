@@ -124,7 +124,7 @@ def results_table():
 def readme_table():
     lines = ["| method | schedule | ours: mean ± sd (n seeds) | paper | authors' code |", "|---|---|---|---|---|"]
     for label, schedule, got, paper, authors in main_rows():
-        lines.append(f"| {label} | {SCHEDULES[schedule][0].split('_')[0]} | {mean_sd([v[0] for v in got.values()])} "
+        lines.append(f"| {label} | {schedule} | {mean_sd([v[0] for v in got.values()])} "
                      f"| {published(paper)} | {published(authors)} |")
     return "\n".join(lines)
 
@@ -150,7 +150,7 @@ def differences_table():
             for s in SEEDS:
                 note = RULE_RUNS.get((schedule, a[0], s)) if a[1] is tau_on_validation else None
                 seeds.append(MISSING if s not in paired else f"{paired[s]:+.2f}" + (f" ({note})" if note else ""))
-            lines.append(f"| {label} | {SCHEDULES[schedule][0].split('_')[0]} | " + " | ".join(seeds)
+            lines.append(f"| {label} | {schedule} | " + " | ".join(seeds)
                          + f" | {mean_sd(list(paired.values()))} |")
     return "\n".join(lines)
 
