@@ -87,10 +87,14 @@ class TFConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+TF_FUSED_BN_MIN_EPS = 1.001e-5  # tf.nn.fused_batch_norm raises any smaller epsilon to this (cuDNN's floor)
+
+
 def tf_batch_norm(planes):
-    """Keras BatchNormalization(momentum=0.9, epsilon=1e-5): Keras's momentum is the share of the old running
-    statistic kept, PyTorch's the share of the new batch's."""
-    return nn.BatchNorm2d(planes, eps=1e-5, momentum=0.1)
+    """Keras BatchNormalization(momentum=0.9, epsilon=1e-5) as TensorFlow runs it on 4-D inputs: fused, which raises
+    epsilon to 1.001e-5. Keras's momentum is the share of the old running statistic kept, PyTorch's the share of
+    the new batch's."""
+    return nn.BatchNorm2d(planes, eps=TF_FUSED_BN_MIN_EPS, momentum=0.1)
 
 
 class TFBottleneck(nn.Module):

@@ -58,8 +58,14 @@ def test_resnet32_tf_has_the_keras_models_weights_layer_for_layer(num_classes):
     assert [(m.in_channels, m.out_channels, m.kernel_size[0]) for m in convs] == \
         [(i, o, k) for kind, i, o, k in expected if kind == "conv"]  # same layers, though not in Keras's order
     assert all(m.bias is None for m in convs) and len(bns) == sum(kind == "bn" for kind, *_ in expected)
-    # Keras BatchNormalization(momentum=0.9, epsilon=1e-5): 0.9 of the old statistic kept, so PyTorch's 0.1
-    assert all(m.momentum == pytest.approx(0.1) and m.eps == 1e-5 for m in bns)
+    # Keras BatchNormalization(momentum=0.9, epsilon=1e-5): 0.9 of the old statistic kept, so PyTorch's 0.1; on 4-D
+    # inputs Keras runs tf.nn.fused_batch_norm, which raises epsilon to 1.001e-5
+    assert all(m.momentum == pytest.approx(0.1) and m.eps == 1.001e-5 for m in bns)
+
+
+@pytest.mark.parametrize("recipe", ["official_cifar10.yaml", "official_cifar100.yaml"])
+def test_official_recipes_train_in_float32_as_the_tf_code_does(recipe):
+    assert config.build(REPO / "configs" / recipe).train.precision == "fp32"
 
 
 def keras_training_gflop(num_classes):
