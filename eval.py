@@ -212,13 +212,16 @@ def tau_sweep(run_dir, splits, counts, args, trained, loss_tau, state):
         raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
     sweep = tausweep.sweep(splits["val"], splits["test"], losses.log_prior(counts), args.taus, args.tau_rule, loss_tau)
     print(tausweep.describe(sweep))
-    png = run_dir / "tau_sweep.png"
+    return sweep
+
+
+def plot_tau_sweep(run_dir, sweep, trained, state):
     from la import plots
 
+    png = run_dir / "tau_sweep.png"
     unfinished = "" if state["finished"] else f", UNFINISHED: {checkpoint.describe_progress(state)}"
     plots.tau_curve(sweep, png, f"{run_dir.name} (trained with {trained}{unfinished})")
     print(f"plot: {png}")
-    return sweep
 
 
 def evaluate_run(path, args, ctx):
@@ -253,7 +256,9 @@ def evaluate_run(path, args, ctx):
             report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
                                                          feats["fc"]["weight"], args.taus)
             print(tausweep.describe_wnorm(report["wnorm_sweep"]))
-    rundir.save_report(run_dir, report)
+    written = rundir.save_report(run_dir, report)
+    if args.tau_sweep and (written or not (run_dir / "tau_sweep.png").exists()):  # its plot changes with eval.json
+        plot_tau_sweep(run_dir, report["tau_sweep"], trained, state)
     return report
 
 

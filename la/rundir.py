@@ -312,10 +312,27 @@ def resolve(path):
     raise UserError(f"no run at {path}{hint}")
 
 
+# eval.json's bookkeeping: where and with what it was evaluated, not what it reports.
+BOOKKEEPING = ("run", "checkpoint", "evaluated_with", "logits_computed_with")
+
+
+def same_numbers(a, b):
+    """Whether two reports say the same, bookkeeping aside and floats equal to 1e-6 (a re-run's last bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (set(a) | set(b)) - set(BOOKKEEPING)
+        return all(k in a and k in b and same_numbers(a[k], b[k]) for k in keys)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-6 * max(1, abs(a))
+    return a == b
+
+
 def save_report(run_dir, report):
     """Write eval.json, adding to an earlier report of the same checkpoint (a plain evaluation keeps an earlier
-    tau sweep)."""
-    path, merged = Path(run_dir) / "eval.json", report
+    tau sweep). An eval.json that already reports these numbers is left as it is, so evaluating a committed run
+    changes no file; returns whether it was written."""
+    path, merged, old = Path(run_dir) / "eval.json", report, None
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -326,7 +343,11 @@ def save_report(run_dir, report):
             for split in ("val", "test"):
                 if split in old and split in report:
                     merged[split] = {**old[split], **report[split]}
+    if old is not None and same_numbers(merged, old):
+        print(f"{path}: already reports these numbers, left unchanged")
+        return False
     path.write_text(json.dumps(merged, indent=1) + "\n")
+    return True
 
 
 if __name__ == "__main__":
