@@ -121,11 +121,27 @@ def results_table():
     return "\n".join(lines)
 
 
+# How each README row is trained and evaluated: train.py's loss flags per method, eval.py's flags per row.
+TRAIN_FLAGS = {"ce": "--loss ce", "la": "--loss la", "ldam": "--loss ldam", "ldam-drw": "--loss ldam --drw"}
+EVAL_FLAGS = {"ERM: plain CE": "", "weight normalisation, T = 1": "--wnorm-tau 1",
+              "weight normalisation, T on validation": "--tau-sweep", "LDAM": "", "LDAM-DRW": "",
+              "CE + post-hoc, tau = 1": "--posthoc --tau 1", "CE + post-hoc, tau on validation": "--tau-sweep",
+              "LA loss, tau = 1": "", "LA loss + post-hoc, t on validation": "--tau-sweep"}
+
+
 def readme_table():
-    lines = ["| method | schedule | ours: mean ± sd (n seeds) | paper | authors' code |", "|---|---|---|---|---|"]
+    """The paper schedule's rows only, each with links to its runs' folders and its two commands."""
+    lines = ["| method | ours: mean ± sd (n seeds) | paper | authors' code | runs (logs) | train.py / eval.py RUN |",
+             "|---|---|---|---|---|---|"]
+    methods = {label: method for label, method, *_ in ROWS}
     for label, schedule, got, paper, authors in main_rows():
-        lines.append(f"| {label} | {schedule} | {mean_sd([v[0] for v in got.values()])} "
-                     f"| {published(paper)} | {published(authors)} |")
+        if schedule != "paper":
+            continue
+        folder = f"results/{SCHEDULES[schedule][0]}/cifar10-lt_rho100_{methods[label]}"
+        runs = " ".join(f"[s{s}]({folder}_s{s}/)" for s in sorted(got))
+        command = f"`{TRAIN_FLAGS[methods[label]]}` / " + (f"`{EVAL_FLAGS[label]}`" if EVAL_FLAGS[label] else "(raw)")
+        lines.append(f"| {label} | {mean_sd([v[0] for v in got.values()])} | {published(paper)} "
+                     f"| {published(authors)} | {runs} | {command} |")
     return "\n".join(lines)
 
 
