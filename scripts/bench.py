@@ -1,4 +1,4 @@
-"""Training throughput, in images per second, of three pipelines on one machine in one run (issue 3).
+"""Training throughput, in images per second, of three pipelines on one machine in one run.
 
     python scripts/bench.py                                  # CUDA when available, CIFAR-10-LT rho=100
     python scripts/bench.py --device cpu --json results/bench_cpu.json

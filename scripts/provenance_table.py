@@ -4,7 +4,7 @@
     python scripts/provenance_table.py --write   # put it into RESULTS.md, between its provenance markers
     python scripts/provenance_table.py --check   # exit 1 unless RESULTS.md holds exactly this table
 
-A run is a folder under results/ with a metrics.jsonl. Per run: the commit of each training session, the hardware,
+A run is a folder under results/ with a metrics.jsonl. Per run: the commit of each start and resume, the hardware,
 the precision, whether the step was compiled, how many times it was resumed, and the training time (the sum of its
 epochs' seconds in metrics.jsonl, evaluation excluded). Commits, hardware and resumes come from provenance.json,
 precision and compile from runtime.json, else config.yaml; what a run trained before those files existed does not
@@ -74,7 +74,7 @@ def runs():
 
 def table():
     n = notes()
-    lines = ["| run | commit of each session | hardware | precision | compiled | resumes | training time |",
+    lines = ["| run | commit of each start and resume | hardware | precision | compiled | resumes | training time |",
              "|---|---|---|---|---|---|---|"]
     for run_dir in runs():
         note = n["runs"].get(run_dir.relative_to(RESULTS).as_posix(), {})

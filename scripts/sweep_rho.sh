@@ -110,7 +110,7 @@ one_run() {  # method rho seed
     (( rc == 0 )) && evaluate "$@"
 }
 
-# plain if/else rather than a quote nested in ${EPOCHS:-...}, which issue 16 saw print a stray backslash
+# plain if/else rather than a quote nested in ${EPOCHS:-...}, which once printed a stray backslash
 if [[ -n $EPOCHS ]]; then epochs_said="$EPOCHS epochs"; else epochs_said="the recipe's epochs"; fi
 echo "sweep: $DATASET, ${trained[*]}, rho $RHOS, seeds $SEEDS, $epochs_said, $RECIPE, $NPROC process(es) per run, $PARALLEL run(s) at once, into $OUT"
 mkdir -p "$OUT"

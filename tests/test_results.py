@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
+import provenance_table  # noqa: E402
 import table3  # noqa: E402
 
 
@@ -128,3 +129,28 @@ def test_table3_differences_pair_runs_of_one_schedule(tmp_path, monkeypatch):
     drw = report("cao_cifar10/cifar10-lt_rho100_ldam-drw_s0")["test"]["raw"]["top1"]
     table = table3.differences_table()
     assert cells(table, "LDAM-DRW minus LA loss")[:2] == ["cao", f"{drw - 70.0:+.2f}"]
+
+
+def test_provenance_table_in_results_is_what_the_runs_hold():
+    """Where each run trained (scripts/provenance_table.py) is generated; RESULTS.md must hold it as generated now."""
+    assert provenance_table.main(["--check"]) == 0, "run python scripts/provenance_table.py --write"
+
+
+def test_provenance_table_follows_the_runs_files(tmp_path, monkeypatch):
+    """A run's provenance.json gives its commits, hardware and resumes, its metrics.jsonl the training time, and
+    the notes file fills in only what an older run does not record."""
+    results = tmp_path / "results"
+    for name in ("paper_cifar10/cifar10-lt_rho100_la_s1", "paper_cifar10/cifar10-lt_rho100_ce_s0"):
+        shutil.copytree(REPO / "results" / name, results / name, ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    shutil.copy(REPO / "results" / provenance_table.NOTES, results / provenance_table.NOTES)
+    monkeypatch.setattr(provenance_table, "RESULTS", results)
+    la = results / "paper_cifar10" / "cifar10-lt_rho100_la_s1"
+    prov = json.loads((la / "provenance.json").read_text())
+    prov["sessions"][-1].update(git_commit="f" * 40, device="NVIDIA H100 80GB HBM3")
+    (la / "provenance.json").write_text(json.dumps(prov))
+    (la / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 3.0}) + "\n" for e in (1, 2)))
+    row = cells(provenance_table.table(), "`paper_cifar10/cifar10-lt_rho100_la_s1`")
+    assert row[0] == "127e999, fffffff" and row[1].startswith("AMD EPYC")
+    assert (row[4], row[5]) == ("2", "2 epochs, 6 s")
+    ce = cells(provenance_table.table(), "`paper_cifar10/cifar10-lt_rho100_ce_s0`")
+    assert ce[0] == "78c3309, d7290fe" and ce[4] == "1"  # from the notes: the run predates provenance.json
