@@ -68,7 +68,7 @@ def test_the_vocabulary_check_can_fail():
 
 
 def test_readme_is_short():
-    assert len((REPO / "README.md").read_text().splitlines()) <= 180
+    assert len((REPO / "README.md").read_text().splitlines()) <= 165  # "at most about 150", with the generated table
 
 
 def quick_check():
