@@ -1,7 +1,7 @@
 """train.precision=auto and train.compile=auto on a CPU: time the real training step in each candidate, keep the faster.
 
-Which precision is fast is not written in the CPU's flags: bf16 was the fast kind on this project's first CPU,
-and the slow kind on a Xeon that reports the AVX-512 bf16 flag without AMX (BENCHMARKS.md, machines A and B).
+Which precision is fast is not written in the CPU's flags: bf16 was the fast kind on one Intel Xeon,
+and the slow kind on a Xeon that reports the AVX-512 bf16 flag without AMX (docs/benchmark-log.md).
 So `auto` measures, once per machine and model:
 
 - precision: a few steps in fp32 and in bf16 (where bf16 autocast runs at all), eager; bf16 is kept only
