@@ -10,7 +10,6 @@ epochs' seconds in metrics.jsonl, evaluation excluded). Commits, hardware and re
 precision and compile from runtime.json, else config.yaml; what a run trained before those files existed does not
 record comes from results/provenance_notes.json, as does each CPU's flags.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -83,27 +82,11 @@ def table():
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="put the table into RESULTS.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 unless RESULTS.md holds this table")
-    args = p.parse_args(argv)
-    if not (args.write or args.check):
-        print(table())
-        return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import table3  # its marker convention: <!-- table3 NAME --> ... <!-- /table3 -->
+    import table3  # its --write / --check and marker convention: <!-- table3 NAME --> ... <!-- /table3 -->
 
-    doc = REPO / "RESULTS.md"
-    text = doc.read_text()
-    start, end = table3.block(text, "provenance")
-    if text[start:end] == table() + "\n":
-        return 0
-    if args.check:
-        print("stale provenance table in RESULTS.md: run python scripts/provenance_table.py --write", file=sys.stderr)
-        return 1
-    doc.write_text(text[:start] + table() + "\n" + text[end:])
-    return 0
+    return table3.generate(argv, lambda: {"RESULTS.md": {"provenance": table()}}, __doc__.split("\n")[0],
+                           "provenance_table.py")
 
 
 if __name__ == "__main__":

@@ -187,11 +187,15 @@ def block(text, name):
     return start, end
 
 
-def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def generate(argv, documents, description, script):
+    """Print the tables of `documents()` ({document: {marker name: table}}), or with --write put each between its
+    markers, or with --check exit 1 unless every document holds them as generated now. Shared with
+    scripts/provenance_table.py."""
+    p = argparse.ArgumentParser(description=description)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="put the tables into RESULTS.md and README.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 unless RESULTS.md and README.md hold these tables")
+    names = " and ".join(documents())
+    mode.add_argument("--write", action="store_true", help=f"put the tables into {names}")
+    mode.add_argument("--check", action="store_true", help=f"exit 1 unless {names} hold these tables")
     args = p.parse_args(argv)
     if not (args.write or args.check):
         print(*(t for tables in documents().values() for t in tables.values()), sep="\n\n")
@@ -207,9 +211,13 @@ def main(argv):
         if args.write:
             (REPO / doc).write_text(text)
     if args.check and stale:
-        print(f"stale tables in {', '.join(stale)}: run python scripts/table3.py --write", file=sys.stderr)
+        print(f"stale tables in {', '.join(stale)}: run python scripts/{script} --write", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv):
+    return generate(argv, documents, __doc__.split("\n")[0], "table3.py")
 
 
 if __name__ == "__main__":
