@@ -143,6 +143,11 @@ def test_a_run_kept_without_its_checkpoint_is_evaluated_from_its_logits(two_runs
     run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", fake_root], cwd)
     whole = json.loads((run_dir / "eval.json").read_text())
     (run_dir / "checkpoint.pt").unlink()
+    before = (run_dir / "eval.json").read_bytes()
+    out = run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    assert "left unchanged" in out.stdout  # the same numbers: eval.json (and a committed copy of it) is not rewritten
+    assert (run_dir / "eval.json").read_bytes() == before
+    (run_dir / "eval.json").unlink()  # written afresh, from the logits alone
     run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
     alone = json.loads((run_dir / "eval.json").read_text())
     assert alone["checkpoint"] is None and alone["finished"] is True
