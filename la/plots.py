@@ -41,9 +41,10 @@ def per_class(reports, path):
     counts = reports[0]["class_counts"]
     order = sorted(range(len(counts)), key=lambda c: -counts[c])
     for r in reports:
-        series = [("raw", "CE" if r["loss"] == "ce" else "LA loss")]
-        if "posthoc" in r["test"] and r["loss"] == "ce":
-            series.append(("posthoc", f"CE + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
+        raw = {"ce": "CE", "file": "logits"}.get(r["loss"], "LA loss")  # "file": eval.py --logits
+        series = [("raw", raw)]
+        if "posthoc" in r["test"] and r["loss"] in ("ce", "file"):
+            series.append(("posthoc", f"{raw} + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
         unfinished = f" [UNFINISHED: epoch {r['epoch']} of {r['epochs']}]" if r.get("finished") is False else ""
         for key, label in series:
             acc = [r["test"][key]["per_class"][c] for c in order]
