@@ -39,7 +39,8 @@ class LogitAdjustedLoss(nn.Module):
 
 
 def posthoc_adjust(logits, log_pi, tau=1.0):
-    """The post-hoc rule: predict argmax f(x) - tau * log pi (log_pi from log_prior)."""
+    """The post-hoc rule: predict argmax f(x) - tau * log pi (log_pi from log_prior). Tensors or arrays in, a tensor out."""
+    logits = torch.as_tensor(logits)
     return logits - tau * torch.as_tensor(log_pi).to(logits)
 
 

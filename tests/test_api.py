@@ -62,7 +62,7 @@ def test_logit_adjusted_loss_is_cross_entropy_on_shifted_logits():
 
 def test_posthoc_adjust_and_balanced_accuracy_take_numpy_too():
     logits, labels = np.random.RandomState(0).randn(50, 10).astype(np.float32), np.arange(50) % 10
-    adjusted = posthoc_adjust(torch.from_numpy(logits), log_prior(COUNTS).numpy(), 0.5)
+    adjusted = posthoc_adjust(logits, log_prior(COUNTS).numpy(), 0.5)
     assert torch.allclose(adjusted, torch.from_numpy(logits) - 0.5 * log_prior(COUNTS))
     acc, ci = balanced_accuracy(logits, labels)
     hits = logits.argmax(1) == labels
@@ -243,3 +243,12 @@ def builds_wheels_offline():
         return False
     major, minor = (int(v) for v in setuptools.__version__.split(".")[:2])
     return (major, minor) >= (70, 1)
+
+
+def test_readmes_snippet_runs_on_any_models_logits(capsys):
+    text = (REPO / "README.md").read_text().split("## Post-hoc adjustment of a model you already have")[1]
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    (val_logits, val_labels), (test_logits, test_labels) = shifted_logits(50, TAU_TRUE, 0), shifted_logits(50, TAU_TRUE, 1)
+    exec(snippet, {"train_counts": COUNTS, "val_logits": val_logits.numpy(), "val_labels": val_labels.numpy(),
+                   "test_logits": test_logits.numpy(), "test_labels": test_labels.numpy()})
+    assert re.fullmatch(r"tau [\d.]+: balanced accuracy [\d.]+ % \(95 % interval [\d.]+-[\d.]+\)\n", capsys.readouterr().out)
