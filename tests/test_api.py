@@ -189,8 +189,8 @@ def test_export_then_logits_gives_the_runs_own_numbers(tmp_path):
     run_dir = shutil.copytree(COMMITTED, tmp_path / COMMITTED.name)
     run([EVAL, run_dir, "--posthoc", "--tau-sweep"], cwd=tmp_path)
     for name in ("e.npz", "e.pt"):
-        out = run([EVAL, run_dir, "--export-logits", tmp_path / name], cwd=tmp_path).stdout
-        assert "val 200 images, test 10000 images" in out
+        code, out, _ = eval_in_process([str(run_dir), "--export-logits", str(tmp_path / name)])
+        assert code == 0 and "val 200 images, test 10000 images" in out
         assert eval_in_process(["--logits", str(tmp_path / name), "--json", str(tmp_path / f"{name}.json")])[0] == 0
     own, committed = json.loads((run_dir / "eval.json").read_text()), json.loads((COMMITTED / "eval.json").read_text())
     for name in ("e.npz", "e.pt"):
