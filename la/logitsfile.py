@@ -31,7 +31,8 @@ def read(path):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"--logits {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--logits {path} could not be read ({detail})")
     if not isinstance(raw, dict):
         raise UserError(f"--logits {path} holds a {type(raw).__name__}, not a dict of arrays")
     as_array = lambda v: (v.float() if v.is_floating_point() else v).numpy() if torch.is_tensor(v) else np.asarray(v)
