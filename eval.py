@@ -6,18 +6,22 @@
                                             # (and, for a CE run, the same for weight normalisation)
     python eval.py RUN --wnorm-tau 1        # classifier weights w_y / ||w_y||^T (Kang et al., 2020)
     python eval.py CE_RUN LA_RUN --posthoc --plot per_class.png
+    python eval.py --logits FILE.npz        # any model's logits: raw, tau = 1, tau chosen on validation, the oracle
+    python eval.py RUN --export-logits FILE.npz   # a run's logits in that format
 
 Logits are computed once per checkpoint and cached in the run directory (logits.pt), with the penultimate
-features that weight normalisation needs (features.pt).
+features that weight normalisation needs (features.pt). A --logits file (.npz or .pt) holds test_logits (N x C),
+test_labels, train_counts (C) and, optionally, val_logits and val_labels (la/logitsfile.py).
 """
+import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, losses, metrics, provenance, rundir,
-                runtime, tausweep)
+from la import (UserError, run_cli, build, checkpoint, config, data, dist, engine, logitsfile, losses, metrics, provenance,
+                rundir, runtime, tausweep)
 
 # balanced accuracy first: on a test set that is not balanced (your own data) it is the headline, top-1 beside it
 ACCURACY_ROWS = (("balanced_acc", "balanced acc"), ("balanced_acc_ci95", "  95 % interval"),
@@ -28,7 +32,11 @@ ROWS = ACCURACY_ROWS + (("many", "many-shot (>100)"), ("medium", "medium-shot (2
 
 def parse_args(argv):
     p = config.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="*", default=["runs/latest"], help="run directories or checkpoint files (default runs/latest)")
+    p.add_argument("runs", nargs="*", help="run directories or checkpoint files (default runs/latest)")
+    p.add_argument("--logits", metavar="FILE", help="evaluate any model's logits from a .npz or .pt file instead of a "
+                   "run: raw, tau = 1, tau chosen on validation and the test-tuned oracle (implies --tau-sweep)")
+    p.add_argument("--json", metavar="FILE", help="with --logits: also write the report as JSON (a run's is its eval.json)")
+    p.add_argument("--export-logits", metavar="FILE", help="write RUN's logits as a .npz or .pt file that --logits reads")
     p.add_argument("--posthoc", action="store_true", help="also report argmax f(x) - tau * log(prior)")
     p.add_argument("--tau", type=float, help="post-hoc temperature (default 1, the paper's); implies --posthoc")
     p.add_argument("--allow-negative-tau", action="store_true", help="permit --tau < 0 (it favours the head classes)")
@@ -45,7 +53,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args(argv)
+    check_sources(args)
     # a flag that only means something with another turns that one on, rather than being silently ignored
+    args.posthoc |= args.logits is not None
+    args.tau_sweep |= args.logits is not None
     args.posthoc |= args.tau is not None
     args.tau = 1.0 if args.tau is None else args.tau
     args.tau_sweep |= args.tau_rule is not None or args.taus is not None
@@ -60,6 +71,23 @@ def parse_args(argv):
     if args.tau < 0 and not args.allow_negative_tau:
         raise UserError(f"--tau {args.tau:g} is negative, which pushes predictions toward the head; pass --allow-negative-tau if you mean it")
     return args
+
+
+def check_sources(args):
+    """Runs, or one --logits file, or one run to --export-logits; the options that need one of them."""
+    if args.logits is not None and (args.runs or args.export_logits or args.wnorm_tau is not None):
+        what = "RUN" if args.runs else "--export-logits" if args.export_logits else "--wnorm-tau (a run's features)"
+        raise UserError(f"--logits {args.logits} is evaluated on its own; drop {what}")
+    if args.json is not None and args.logits is None:
+        raise UserError("--json is for --logits; a run's report is its eval.json")
+    if args.export_logits is not None:
+        if len(args.runs) > 1 or args.plot:
+            raise UserError("--export-logits writes one run's logits: name one RUN, without --plot")
+        logitsfile.check_target(args.export_logits, "--export-logits")  # now, not after the logits are computed
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {Path(path).absolute().parent} does not exist")
+    args.runs = args.runs or ["runs/latest"]
 
 
 def check_prior(counts, run_dir, args):
@@ -206,22 +234,31 @@ def evaluate_split(run_dir, split, logits, labels, counts, args, trained, loss_t
     return report
 
 
-def tau_sweep(run_dir, splits, counts, args, trained, loss_tau, state):
-    """The sweep's three labelled results, printed and plotted."""
-    if "val" not in splits:
-        raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
-    sweep = tausweep.sweep(splits["val"], splits["test"], losses.log_prior(counts), args.taus, args.tau_rule, loss_tau)
+def tau_sweep(splits, counts, args, loss_tau):
+    """The sweep's three labelled results (without a validation split, two), printed."""
+    sweep = tausweep.sweep(splits.get("val"), splits["test"], losses.log_prior(counts), args.taus, args.tau_rule, loss_tau)
     print(tausweep.describe(sweep))
     return sweep
 
 
-def plot_tau_sweep(run_dir, sweep, trained, state):
+def plot_tau_sweep(png, name, sweep, trained, state):
     from la import plots
 
-    png = run_dir / "tau_sweep.png"
     unfinished = "" if state["finished"] else f", UNFINISHED: {checkpoint.describe_progress(state)}"
-    plots.tau_curve(sweep, png, f"{run_dir.name} (trained with {trained}{unfinished})")
+    plots.tau_curve(sweep, png, f"{name} (trained with {trained}{unfinished})")
     print(f"plot: {png}")
+
+
+def report_splits(run_dir, splits, counts, args, trained, loss_tau, feats=None):
+    """The report of one model's logits, a run's or a file's: each split's table, and with --tau-sweep the sweep."""
+    report = {}
+    for split in ("test", "val"):
+        if split in splits:
+            wnorm = feats and args.wnorm_tau is not None and (feats["splits"][split][0], feats["fc"]["weight"])
+            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, trained, loss_tau, wnorm or None)
+    if args.tau_sweep:
+        report["tau_sweep"] = tau_sweep(splits, counts, args, loss_tau)
+    return report
 
 
 def evaluate_run(path, args, ctx):
@@ -246,28 +283,60 @@ def evaluate_run(path, args, ctx):
     # weight normalisation needs penultimate features: asked for, or beside the sweep of a plain CE run
     wants_wnorm = args.wnorm_tau is not None or (args.tau_sweep and method == "ce")
     feats = load_features(run_dir, ckpt_path, entry["checkpoint_sha256"], loss_name, args, ctx) if wants_wnorm else None
-    for split in ("test", "val"):
-        if split in splits:
-            wnorm = feats and args.wnorm_tau is not None and (feats["splits"][split][0], feats["fc"]["weight"])
-            report[split] = evaluate_split(run_dir, split, *splits[split], counts, args, trained, loss_tau, wnorm or None)
-    if args.tau_sweep:
-        report["tau_sweep"] = tau_sweep(run_dir, splits, counts, args, trained, loss_tau, state)
-        if feats and method == "ce":
-            report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
-                                                         feats["fc"]["weight"], args.taus)
-            print(tausweep.describe_wnorm(report["wnorm_sweep"]))
+    if args.tau_sweep and "val" not in splits:
+        raise UserError(f"{run_dir.name} has no validation split (val_per_class=0): tau cannot be chosen fairly")
+    report.update(report_splits(run_dir, splits, counts, args, trained, loss_tau, feats))
+    if args.tau_sweep and feats and method == "ce":
+        report["wnorm_sweep"] = tausweep.wnorm_sweep(feats["splits"]["val"], feats["splits"]["test"],
+                                                     feats["fc"]["weight"], args.taus)
+        print(tausweep.describe_wnorm(report["wnorm_sweep"]))
     written = rundir.save_report(run_dir, report)
     if args.tau_sweep and (written or not (run_dir / "tau_sweep.png").exists()):  # its plot changes with eval.json
-        plot_tau_sweep(run_dir, report["tau_sweep"], trained, state)
+        plot_tau_sweep(run_dir / "tau_sweep.png", run_dir.name, report["tau_sweep"], trained, state)
     return report
+
+
+FILE_TRAINED = "an unknown recipe (logits read from a file)"
+
+
+def evaluate_file(path, args):
+    """--logits FILE: the report of any model's logits, through the same tables and sweep as a run's."""
+    splits, counts = logitsfile.load(path)
+    path = Path(path)
+    if "val" not in splits:
+        print(f"\nnote: {path.name} holds no val_logits, so no tau is chosen on validation: tau = 1 and the "
+              f"test-tuned oracle are shown, and the oracle is no fair result")
+    png = args.plot and Path(args.plot).with_suffix(".tau_sweep.png")  # beside the per-class chart, if asked for
+    report = {"run": str(path.resolve()), "loss": "file", "loss_tau": 0.0, "class_counts": counts,
+              **report_splits(path, splits, counts, args, FILE_TRAINED, 0.0)}
+    if png:
+        plot_tau_sweep(png, path.name, report["tau_sweep"], FILE_TRAINED, {"finished": True})
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write --json {args.json} ({e.strerror or e})")
+    return report
+
+
+def export_run(path, args, ctx):
+    """--export-logits FILE: a run's val and test logits and training counts in the format --logits reads."""
+    run_dir, ckpt_path = rundir.resolve(path)
+    entry = load_logits(run_dir, ckpt_path, args, ctx)
+    logitsfile.export(entry["splits"], entry["class_counts"], args.export_logits)
+    state = entry["checkpoint_state"]
+    unfinished = "" if state["finished"] else f" (UNFINISHED: {checkpoint.describe_progress(state)})"
+    print(f"{run_dir.name}{unfinished}: {', '.join(f'{k} {len(v[1])} images' for k, v in entry['splits'].items())} "
+          f"-> {args.export_logits}; python eval.py --logits {args.export_logits} reports them")
+    return 0
 
 
 def main(argv):
     args = parse_args(argv)
     ctx = dist.Context(0, 0, 1, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    if args.plot and not Path(args.plot).absolute().parent.is_dir():  # before the evaluation, not after it
-        raise UserError(f"--plot {args.plot}: the folder {Path(args.plot).absolute().parent} does not exist")
-    reports = [evaluate_run(p, args, ctx) for p in args.runs]
+    if args.export_logits:
+        return export_run(args.runs[0], args, ctx)
+    reports = [evaluate_file(args.logits, args)] if args.logits else [evaluate_run(p, args, ctx) for p in args.runs]
     if args.plot:
         from la import plots
 

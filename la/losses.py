@@ -8,24 +8,40 @@ and post-hoc weight normalisation (Kang et al., 2020), which rescales each class
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from la import dist
 
 
 def log_prior(counts):
-    """log pi_y, pi the class frequency of the long-tailed training set."""
+    """log pi_y, pi the class frequency of the long-tailed training set (counts: C training images per class);
+    a class with no image has -inf."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     return (counts / counts.sum()).log().float()
 
 
 def logit_adjusted_ce(logits, targets, log_pi, tau=1.0, weight=None, reduction="mean"):
-    """Softmax cross-entropy on f(x) + tau * log pi; tau = 0 is plain cross-entropy."""
-    return F.cross_entropy(logits + tau * log_pi.to(logits), targets, weight=weight, reduction=reduction)
+    """Softmax cross-entropy on f(x) + tau * log pi (log_pi from log_prior); tau = 0 is plain cross-entropy."""
+    return F.cross_entropy(logits + tau * torch.as_tensor(log_pi).to(logits), targets, weight=weight,
+                           reduction=reduction)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """The logit-adjusted loss as a drop-in criterion: LogitAdjustedLoss(train_counts, tau)(logits, targets)."""
+
+    def __init__(self, class_counts, tau=1.0, reduction="mean"):
+        super().__init__()
+        self.tau, self.reduction = tau, reduction
+        self.register_buffer("log_pi", log_prior(class_counts))
+
+    def forward(self, logits, targets):
+        return logit_adjusted_ce(logits, targets, self.log_pi, self.tau, reduction=self.reduction)
 
 
 def posthoc_adjust(logits, log_pi, tau=1.0):
-    """The post-hoc rule: predict argmax f(x) - tau * log pi."""
-    return logits - tau * log_pi.to(logits)
+    """The post-hoc rule: predict argmax f(x) - tau * log pi (log_pi from log_prior). Tensors or arrays in, a tensor out."""
+    logits = torch.as_tensor(logits)
+    return logits - tau * torch.as_tensor(log_pi).to(logits)
 
 
 def ldam_margins(counts, max_margin=0.5):

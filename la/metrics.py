@@ -81,3 +81,11 @@ def balanced_ci95(correct, count):
 def evaluate_logits(logits, labels, train_counts):
     num_classes = logits.shape[1]
     return summarize(accumulate(logits, labels, num_classes), num_classes, train_counts)
+
+
+def balanced_accuracy(logits, labels):
+    """Balanced accuracy of argmax logits (N x C) against labels (N): the mean over the classes present of each
+    class's accuracy, in percent, and its 95 % interval [low, high] (balanced_ci95)."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels).long()
+    out = evaluate_logits(logits, labels, [1] * logits.shape[1])  # train counts only sort shot groups, unused here
+    return out["balanced_acc"], out["balanced_acc_ci95"]

@@ -12,17 +12,23 @@ def _save(fig, path):
 
 
 def tau_curve(sweep, path, title):
+    """Balanced accuracy and validation NLL against tau (without validation curves where sweep has none)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(sweep["taus"], sweep["val_balanced_acc"], label="validation (balanced, from unused train images)")
+    has_val = sweep["validation_chosen"] is not None
+    if has_val:
+        ax.plot(sweep["taus"], sweep["val_balanced_acc"], label="validation (balanced, from unused train images)")
     ax.plot(sweep["taus"], sweep["test_balanced_acc"], label="test")
-    rule = sweep["validation_chosen"]["rule"]
+    rule = has_val and sweep["validation_chosen"]["rule"]
     for key, style, label in (("validation_chosen", "--", f"chosen on validation ({rule})"),
                               ("oracle_test_tuned", ":", "oracle")):
-        ax.axvline(sweep[key]["tau"], linestyle=style, color="gray", label=f"{label} = {sweep[key]['tau']:g}")
+        if sweep[key] is not None:
+            ax.axvline(sweep[key]["tau"], linestyle=style, color="gray", label=f"{label} = {sweep[key]['tau']:g}")
     la = sweep["loss_tau"] != 0
     xlabel = f"extra post-hoc t (total tau {sweep['loss_tau']:g} + t)" if la else "post-hoc tau"
     ax.set(xlabel=xlabel, ylabel="balanced accuracy (%)", title=title)
     ax.legend(fontsize=7, loc="lower left")
+    if not has_val:
+        return _save(fig, path)
     nll = ax.twinx()
     nll.plot(sweep["taus"], sweep["val_balanced_nll"], color="tab:red", alpha=0.4, linewidth=1)
     nll.set_ylabel("validation balanced NLL", color="tab:red")
@@ -35,9 +41,10 @@ def per_class(reports, path):
     counts = reports[0]["class_counts"]
     order = sorted(range(len(counts)), key=lambda c: -counts[c])
     for r in reports:
-        series = [("raw", "CE" if r["loss"] == "ce" else "LA loss")]
-        if "posthoc" in r["test"] and r["loss"] == "ce":
-            series.append(("posthoc", f"CE + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
+        raw = {"ce": "CE", "file": "logits"}.get(r["loss"], "LA loss")  # "file": eval.py --logits
+        series = [("raw", raw)]
+        if "posthoc" in r["test"] and r["loss"] in ("ce", "file"):
+            series.append(("posthoc", f"{raw} + post-hoc (tau={r['test']['posthoc']['tau']:g})"))
         unfinished = f" [UNFINISHED: epoch {r['epoch']} of {r['epochs']}]" if r.get("finished") is False else ""
         for key, label in series:
             acc = [r["test"][key]["per_class"][c] for c in order]

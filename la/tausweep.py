@@ -17,6 +17,7 @@ RULES = {
     "one-se": "the default unless the validation gain in balanced accuracy exceeds its standard error",
 }
 DEFAULT_RULE = "val-nll"  # chosen in results/tau_rules.md (RESULTS.md, "Choosing tau")
+DEFAULT_GRID = "0:3:0.05"
 
 
 def parse_grid(spec):
@@ -95,37 +96,53 @@ def choose(rule, taus, hit, nll, labels, num_classes, default):
     raise UserError(f"unknown tau rule {rule!r}; one of {', '.join(RULES)}")
 
 
+def choose_tau(val_logits, val_labels, log_prior, rule=DEFAULT_RULE, taus=None, default=1.0):
+    """The post-hoc tau a rule (one of RULES) picks on held-out validation logits (N x C) and labels, over taus
+    (default 0 to 3 by 0.05, default included; ties go to the tau nearest default). Returns (tau, sweep), sweep
+    {"taus", "val_balanced_acc" (%), "val_balanced_nll"}: the validation curves the choice was made from."""
+    taus = sorted(set(parse_grid(DEFAULT_GRID) if taus is None else map(float, taus)) | {default})
+    logits, labels = torch.as_tensor(val_logits), torch.as_tensor(val_labels).long()
+    num_classes = logits.shape[1]
+    hit, nll = per_tau(logits, labels, torch.as_tensor(log_prior), taus)
+    tau = choose(rule, taus, hit, nll, labels, num_classes, default)
+    return tau, {"taus": taus, "val_balanced_acc": (100 * balanced(hit, labels, num_classes)).tolist(),
+                 "val_balanced_nll": balanced(nll, labels, num_classes).tolist()}
+
+
 def _result(val, test, log_pi, tau, loss_tau):
     adjust = lambda logits, t: losses.posthoc_adjust(logits, log_pi, t)
     return {"tau": tau, "total_tau": loss_tau + tau, **_metrics(val, test, adjust, tau, len(log_pi))}
 
 
 def _metrics(val, test, logits_at, tau, num_classes):
-    """Accuracies with 95 % intervals on both splits of logits_at(split's input, tau)."""
+    """Accuracies with 95 % intervals on both splits of logits_at(split's input, tau) (on test alone if val is None)."""
     counts = [1] * num_classes  # shot groups are not used here
-    v = metrics.evaluate_logits(logits_at(val[0], tau), val[1], counts)
     t = metrics.evaluate_logits(logits_at(test[0], tau), test[1], counts)
-    return {"val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"],
-            "test_top1": t["top1"], "test_top1_ci95": t["top1_ci95"],
-            "test_balanced_acc": t["balanced_acc"], "test_balanced_acc_ci95": t["balanced_acc_ci95"]}
+    out = {"test_top1": t["top1"], "test_top1_ci95": t["top1_ci95"],
+           "test_balanced_acc": t["balanced_acc"], "test_balanced_acc_ci95": t["balanced_acc_ci95"]}
+    if val is None:
+        return out
+    v = metrics.evaluate_logits(logits_at(val[0], tau), val[1], counts)
+    return {"val_balanced_acc": v["balanced_acc"], "val_balanced_acc_ci95": v["balanced_acc_ci95"], **out}
 
 
 def sweep(val, test, log_pi, taus, rule=DEFAULT_RULE, loss_tau=0.0):
     """Curves against tau on both splits and three labelled choices: the default (tau = 1 after CE, no extra
-    shift after the LA loss), the rule's choice on validation, and the test-tuned oracle."""
+    shift after the LA loss), the rule's choice on validation, and the test-tuned oracle. Without a validation
+    split (val None: logits from elsewhere) there are no validation curves and validation_chosen is None."""
     default = 0.0 if loss_tau else 1.0
-    taus = sorted(set(taus) | {default})
-    num_classes = len(log_pi)
-    v_hit, v_nll = per_tau(*val, log_pi, taus)
+    if val is None:
+        chosen, val_curves = None, {"taus": sorted(set(taus) | {default})}
+    else:
+        chosen, val_curves = choose_tau(*val, log_pi, rule, taus, default)
+    taus = val_curves["taus"]
     t_hit, _ = per_tau(*test, log_pi, taus)
-    curve = {"taus": taus, "loss_tau": loss_tau,
-             "val_balanced_acc": (100 * balanced(v_hit, val[1], num_classes)).tolist(),
-             "val_balanced_nll": balanced(v_nll, val[1], num_classes).tolist(),
-             "test_balanced_acc": (100 * balanced(t_hit, test[1], num_classes)).tolist(),
+    curve = {"taus": taus, "loss_tau": loss_tau, **val_curves,
+             "test_balanced_acc": (100 * balanced(t_hit, test[1], len(log_pi))).tolist(),
              "test_top1": (100 * t_hit.double().mean(1)).tolist()}
-    chosen = choose(rule, taus, v_hit, v_nll, val[1], num_classes, default)
     curve["paper_default"] = _result(val, test, log_pi, default, loss_tau)
-    curve["validation_chosen"] = {"rule": rule, "rule_means": RULES[rule], **_result(val, test, log_pi, chosen, loss_tau)}
+    curve["validation_chosen"] = None if chosen is None else {"rule": rule, "rule_means": RULES[rule],
+                                                              **_result(val, test, log_pi, chosen, loss_tau)}
     oracle = _best(taus, curve["test_balanced_acc"], default)
     curve["oracle_test_tuned"] = _result(val, test, log_pi, oracle, loss_tau)
     return curve
@@ -170,16 +187,21 @@ def describe_wnorm(s):
 def describe(s):
     la = s["loss_tau"] != 0
     shift = lambda r: (f"t={r['tau']:<5g} total {r['total_tau']:<5g}" if la else f"tau={r['tau']:<5g}")
-    rule = s["validation_chosen"]["rule"]
+    rule = s["validation_chosen"] and s["validation_chosen"]["rule"]
     rows = (("paper_default", f"LA loss alone (total tau {s['loss_tau']:g})" if la else "tau = 1 (paper default)"),
             ("validation_chosen", (f"LA loss + post-hoc, total tau {s['loss_tau']:g} + t, t" if la else "tau")
              + f" chosen on validation by rule {rule} (the fair result)"),
             ("oracle_test_tuned", "tuned on test (ORACLE: compare only with the paper's tau* column)"))
     ci = lambda r, key: f"{r[key]:.2f} ({r[key + '_ci95'][0]:.2f}-{r[key + '_ci95'][1]:.2f})"
+    how = f"rule {rule}: {RULES[rule]}" if rule else "no validation split, so no tau chosen on validation"
     lines = [f"\npost-hoc {'extra t' if la else 'tau'} swept over {len(s['taus'])} values "
-             f"({s['taus'][0]:g}..{s['taus'][-1]:g}); rule {rule}: {RULES[rule]}; 95 % intervals in parentheses"]
+             f"({s['taus'][0]:g}..{s['taus'][-1]:g}); {how}; 95 % intervals in parentheses"]
     for key, label in rows:
         r = s[key]
+        if r is None:
+            lines.append("  tau chosen on validation: none (no validation logits; the oracle below is not a fair result)")
+            continue
+        val = f"  val balanced {ci(r, 'val_balanced_acc')}" if "val_balanced_acc" in r else ""
         lines.append(f"  {label}\n      {shift(r)}  test top-1 {ci(r, 'test_top1')}  "
-                     f"test balanced {ci(r, 'test_balanced_acc')}  val balanced {ci(r, 'val_balanced_acc')}")
+                     f"test balanced {ci(r, 'test_balanced_acc')}{val}")
     return "\n".join(lines)
