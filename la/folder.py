@@ -148,12 +148,27 @@ def prepare(dc):
 
 # ---------------------------------------------------------------- decoding and augmentation
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale PNGs open as one of these
+
+
+def to_rgb(im):
+    """8-bit RGB of a decoded image. 16-bit grayscale keeps its high byte (v >> 8), as Pillow reads 16-bit RGB PNGs;
+    convert("RGB") alone clips it at 255 (white). Everything else is convert("RGB"): grayscale and 1-bit repeat
+    into three channels, a palette expands to its colours, RGBA and LA drop alpha, CMYK and YCbCr are converted."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT:
+        high = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(high, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode(path):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception as e:
         raise UserError(f"unreadable image {path}: {type(e).__name__}: {e}")
 

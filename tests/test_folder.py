@@ -2,6 +2,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,17 @@ def test_a_folder_run_resumed_by_train_py_ends_as_an_uninterrupted_one(toy, tmp_
     assert len(whole) == len(split) == 2 and whole[1] == split[1]  # the last epoch, evaluated, alike
     # epoch 1 was the split run's last, so it was evaluated there too: its training figures are the same
     assert whole[0] == {k: v for k, v in split[0].items() if k in whole[0]}
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_saturated(tmp_path):
+    """convert("RGB") clips 16-bit grayscale at 255: a random image came out almost all white."""
+    from PIL import Image
+
+    a = np.random.RandomState(0).randint(0, 65536, (16, 16)).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    im = folder._decode(tmp_path / "deep.png")
+    x = np.asarray(im)
+    assert im.mode == "RGB" and x.shape == (16, 16, 3)
+    assert (x == (a >> 8).astype(np.uint8)[:, :, None]).all()
+    Image.fromarray((a >> 8).astype(np.uint8)).save(tmp_path / "flat.png")  # 8-bit grayscale: as it was
+    assert (np.asarray(folder._decode(tmp_path / "flat.png")) == x).all()
