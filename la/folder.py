@@ -3,12 +3,15 @@ DataLoader workers, each training image's crop and flip keyed to (seed, epoch, i
 
     ROOT/train/<class>/*.jpg|png   ROOT/test/<class>/...   ROOT/val/<class>/... (optional)
 
+Images in sub-folders of a class folder belong to that class, as in torchvision's ImageFolder.
+
 The prior is the training counts after the validation split; without val/ (or data.val_list) a balanced split of
 data.val_per_class images per class (never more than half of a class) is carved from the training images.
 """
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,15 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # ---------------------------------------------------------------- reading the splits
 
+def _images_under(class_dir):
+    """The image files anywhere under a class folder, sub-folders and linked folders too, in torchvision
+    ImageFolder's order (os.walk with followlinks, sorted)."""
+    found = []
+    for where, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        found += [Path(where) / n for n in sorted(names) if Path(n).suffix.lower() in EXTENSIONS]
+    return found
+
+
 def _scan(split_dir, classes=None):
     """(paths, labels) of a split folder; classes None: this is train/, and its sorted sub-folders are the classes."""
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
@@ -36,7 +48,7 @@ def _scan(split_dir, classes=None):
     paths, labels = [], []
     for c, name in enumerate(classes):
         d = split_dir / name
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS) if d.is_dir() else []
+        files = _images_under(d) if d.is_dir() else []
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     return classes, paths, np.asarray(labels, dtype=np.int64)

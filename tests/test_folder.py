@@ -144,3 +144,16 @@ def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_saturated(tmp_path):
     assert (x == (a >> 8).astype(np.uint8)[:, :, None]).all()
     Image.fromarray((a >> 8).astype(np.uint8)).save(tmp_path / "flat.png")  # 8-bit grayscale: as it was
     assert (np.asarray(folder._decode(tmp_path / "flat.png")) == x).all()
+
+
+def test_images_in_sub_folders_of_a_class_folder_are_read_as_imagefolder_reads_them(tmp_path):
+    root = tmp_path / "nested"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    flat = folder.prepare(cfg(root, val_per_class=0))
+    sub = root / "train" / "class00" / "a" / "b"
+    sub.mkdir(parents=True)
+    for f in sorted((root / "train" / "class00").glob("0000[0-2].png")):
+        f.rename(sub / f.name)
+    s = folder.prepare(cfg(root, val_per_class=0))
+    assert s.counts == flat.counts == [6, 3]
+    assert sum("/a/b/" in p for p in s.train_x.paths) == 3
