@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,33 +55,72 @@ def _scan(split_dir, classes=None):
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
+def _list_text(path):
+    """A list file's text, or one line saying why it cannot be one."""
+    if path.is_dir():
+        raise UserError(f"list file {path} is a directory; name the list file in it")
+    if not path.is_file():
+        raise UserError(f"list file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"list file {path} cannot be read: {type(e).__name__}: {e.strerror}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the list file as UTF-8")
+
+
+def _integer(value):
+    """An integer label: a JSON integer, or a string of ASCII digits with at most one leading minus; else None."""
+    if isinstance(value, str):
+        return int(value) if re.fullmatch(r"-?[0-9]+", value) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _json_pairs(path, text):
+    """(file_name, label) pairs of an iNaturalist-2018 JSON: images with id and file_name, annotations with
+    image_id and category_id."""
+    try:
+        tree = json.loads(text)
+        files = {im["id"]: im["file_name"] for im in tree["images"]}
+        notes = [(a["image_id"], a["category_id"]) for a in tree["annotations"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not an iNaturalist-style JSON (images, annotations): {type(e).__name__}: {e}")
+    pairs = []
+    for i, (image, label) in enumerate(notes):
+        where = f"{path} annotation {i} (image_id {image!r})"
+        if _integer(label) is None:
+            raise UserError(f"{where}: category_id {label!r} is not an integer")
+        if image not in files or not isinstance(files[image], str):
+            raise UserError(f"{where}: no image with that id and a file_name string")
+        pairs.append((files[image], _integer(label)))
+    return pairs
+
+
 def read_list(path, root):
     """(paths, labels) of a list file: 'relative/path label' lines (ImageNet-LT's), or an iNaturalist-2018 JSON
     (images with id and file_name, annotations with image_id and category_id). Paths resolve against root."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"list file not found: {path}")
-    text = path.read_text()
+    text = _list_text(path)
     if path.suffix == ".json":
-        try:
-            tree = json.loads(text)
-            files = {im["id"]: im["file_name"] for im in tree["images"]}
-            pairs = [(files[a["image_id"]], a["category_id"]) for a in tree["annotations"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is not an iNaturalist-style JSON (images, annotations): {type(e).__name__}: {e}")
+        pairs = _json_pairs(path, text)
     else:
         pairs = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 parts = line.rsplit(maxsplit=1)
-                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                    raise UserError(f"{path} line {n}: expected 'relative/path label', got {line.strip()!r}")
-                pairs.append((parts[0], parts[1]))
+                label = _integer(parts[-1]) if len(parts) == 2 else None
+                if label is None:
+                    raise UserError(f"{path} line {n}: expected 'relative/path label' with an integer label, "
+                                    f"got {line.strip()!r}")
+                pairs.append((parts[0], label))
     paths = [str(Path(root) / p) for p, _ in pairs]
     for p in paths:
         if not Path(p).is_file():
             raise UserError(f"{path} lists {p}, which does not exist")
-    return paths, np.asarray([int(c) for _, c in pairs], dtype=np.int64)
+    return paths, np.asarray([c for _, c in pairs], dtype=np.int64)
 
 
 def hold_out_validation(labels, per_class, seed):

@@ -157,3 +157,33 @@ def test_images_in_sub_folders_of_a_class_folder_are_read_as_imagefolder_reads_t
     s = folder.prepare(cfg(root, val_per_class=0))
     assert s.counts == flat.counts == [6, 3]
     assert sum("/a/b/" in p for p in s.train_x.paths) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"train/class00/00000.png --3\n", r"train.txt line 1: expected 'relative/path label' with an integer label, "
+                                      r"got 'train/class00/00000.png --3'"),
+    ("train/class00/00000.png 0\ntrain/class00/00001.png \u00b2\n".encode(), r"train.txt line 2: .*integer label"),
+    (b"train/class00/00000.png 0\n\ntrain/class00/00001.png 1.7\n", r"train.txt line 3: .*integer label, got .*1\.7"),
+    (b"train/class00/00000.png 0\ntrain/class00/caf\xe9.png 0\n", r"train.txt line 2 is not UTF-8 text \(byte 0xe9\)"),
+])
+def test_bad_list_lines_are_one_line_naming_file_and_line(tmp_path, content, message):
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    (tmp_path / "train.txt").write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        folder.read_list(tmp_path / "train.txt", root)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("label", ["cat", None, 1.7, True])
+def test_an_inaturalist_category_id_that_is_not_an_integer_is_one_line(tmp_path, label):
+    images = [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "b.png"}]
+    notes = [{"image_id": 7, "category_id": 0}, {"image_id": 8, "category_id": label}]
+    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": notes}))
+    with pytest.raises(UserError, match=r"train.json annotation 1 \(image_id 8\): category_id .* is not an integer"):
+        folder.read_list(tmp_path / "train.json", tmp_path)
+
+
+def test_a_directory_given_as_a_list_file_is_named_as_one(tmp_path):
+    with pytest.raises(UserError, match=r"list file .* is a directory"):
+        folder.read_list(tmp_path, tmp_path)
