@@ -137,9 +137,11 @@ def hold_out_validation(labels, per_class, seed):
 
 
 def _hash(paths, labels):
+    """Of the (path, label) pairs. A name that is not UTF-8 on disk (from a zip archive, say) reaches Python
+    surrogate-escaped; surrogateescape hashes its original bytes, and a UTF-8 name as plain encode() did."""
     h = hashlib.sha256()
     for p, y in zip(paths, labels):
-        h.update(f"{p}\t{y}\n".encode())
+        h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

@@ -187,3 +187,19 @@ def test_an_inaturalist_category_id_that_is_not_an_integer_is_one_line(tmp_path,
 def test_a_directory_given_as_a_list_file_is_named_as_one(tmp_path):
     with pytest.raises(UserError, match=r"list file .* is a directory"):
         folder.read_list(tmp_path, tmp_path)
+
+
+def test_file_and_class_names_that_are_not_utf8_are_read_and_hashed(tmp_path):
+    """Names from a zip archive may not be UTF-8: Python hands them over surrogate-escaped."""
+    import os
+
+    root = tmp_path / "latin1"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    for split in ("train", "test"):
+        os.rename(root / split / "class01", os.path.join(os.fsencode(root / split), b"caf\xe9"))
+    os.rename(os.path.join(os.fsencode(root / "train"), b"caf\xe9", b"00000.png"),
+              os.path.join(os.fsencode(root / "train"), b"caf\xe9", b"\xff.png"))
+    s = folder.prepare(cfg(root, val_per_class=0))
+    assert s.manifest["classes"] == ["caf\udce9", "class00"] and s.counts == [3, 6]
+    assert len(s.manifest["train_sha256"]) == 16
+    json.dumps(s.manifest)  # split.json holds it
