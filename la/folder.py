@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +119,39 @@ def read_list(path, root):
                                     f"got {line.strip()!r}")
                 pairs.append((parts[0], label))
     paths = [str(Path(root) / p) for p, _ in pairs]
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"{path} lists {p}, which does not exist")
+    check_files(paths, lambda p, problem: f"{path} lists {p}, which {problem}")
     return paths, np.asarray([c for _, c in pairs], dtype=np.int64)
+
+
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # JPEG PNG GIF BMP TIFF
+
+
+def _file_problem(path):
+    """Why path cannot be an image to decode, without decoding it (a stat and its first 16 bytes), or None."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return "is a broken link" if os.path.islink(path) else "does not exist"
+    except OSError as e:
+        return f"cannot be read: {type(e).__name__}: {e.strerror}"
+    if head.startswith(SIGNATURES) or head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return None
+    apple = "; a macOS ._ companion file (resource fork), not an image" if Path(path).name.startswith("._") else ""
+    return f"is not a JPEG, PNG, GIF, BMP, TIFF or WebP image (it starts {head[:8]!r}{apple})"
+
+
+def check_files(paths, say):
+    """At start-up, not when an epoch first reads it: every file exists, is a regular readable file and starts as an
+    image does. The first that does not is one line, say(path, problem). Threads: it is waiting on the disk."""
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(0, len(paths), 4096):
+            for p, problem in zip(paths[i:i + 4096], pool.map(_file_problem, paths[i:i + 4096])):
+                if problem:
+                    raise UserError(say(p, problem))
 
 
 def hold_out_validation(labels, per_class, seed):
@@ -155,6 +186,8 @@ def _read_splits(dc):
         out = {"train": train, "test": _scan(root / "test", classes)[1:]}
         if (root / "val").is_dir():
             out["val"] = _scan(root / "val", classes)[1:]
+        for paths, _ in out.values():
+            check_files(paths, lambda p, problem: f"image file {p} {problem}")
         return out, classes
     lists = {"train": dc.train_list, "val": dc.val_list, "test": dc.test_list}
     for split in ("train", "test"):

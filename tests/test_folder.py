@@ -83,7 +83,7 @@ def test_bad_folder_and_list_inputs_are_one_line(toy, tmp_path):
     with pytest.raises(UserError, match=r"zebra is a class that .*train does not have"):
         folder.prepare(cfg(bad))
     (bad / "test" / "zebra").rmdir()
-    (bad / "train" / "class00" / "00000.png").write_bytes(b"not a png")
+    (bad / "train" / "class00" / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n, then not a png")
     s = folder.prepare(cfg(bad, val_per_class=0))
     loader = folder.FolderLoader(s.train_x, 64, 0, 1, 0, torch.device("cpu"), False, workers=1)
     with pytest.raises(UserError, match=r"^unreadable image .*00000.png: UnidentifiedImageError") as e:
@@ -203,3 +203,46 @@ def test_file_and_class_names_that_are_not_utf8_are_read_and_hashed(tmp_path):
     assert s.manifest["classes"] == ["caf\udce9", "class00"] and s.counts == [3, 6]
     assert len(s.manifest["train_sha256"]) == 16
     json.dumps(s.manifest)  # split.json holds it
+
+
+def test_unreadable_files_are_found_at_start_up_not_when_an_epoch_reads_them(tmp_path):
+    """A broken link, a macOS ._ companion, a file that is not an image: one line from prepare, before training."""
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    folder.prepare(cfg(root))
+    cls = root / "train" / "class01"
+    (cls / "00009.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match=r"^image file .*class01/00009.png is a broken link$"):
+        folder.prepare(cfg(root))
+    (cls / "00009.png").unlink()
+    (cls / "._00000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    with pytest.raises(UserError, match=r"^image file .*/\._00000.png is not a JPEG, PNG.*a macOS \._ companion"):
+        folder.prepare(cfg(root))
+    (cls / "._00000.png").unlink()
+    (root / "test" / "class00" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.jpg is not a JPEG, PNG, .* \(it starts b''\)"):
+        folder.prepare(cfg(root))
+    (root / "test" / "class00" / "empty.jpg").unlink()
+    (tmp_path / "train.txt").write_text("train/class00/00000.png 0\ntrain/class01 1\n")
+    with pytest.raises(UserError, match=r"train.txt lists .*train/class01, which is not a regular file"):
+        folder.read_list(tmp_path / "train.txt", root)
+
+
+def test_a_checkpoint_is_saved_before_the_epoch_is_evaluated(fake_root, tmp_path, monkeypatch):
+    """An evaluation that fails (an image gone bad since start-up) must not lose the epoch just trained."""
+    sys.path.insert(0, str(REPO))
+    import train
+    from la import engine
+
+    from conftest import TINY
+
+    def fails(*a, **k):
+        raise UserError("evaluation failed")
+
+    monkeypatch.setattr(engine, "evaluate_splits", fails)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="evaluation failed"):
+        train.main(["--data-root", str(fake_root), "--out", str(tmp_path / "run"), "--epochs", "2",
+                    "--set", "train.eval_every=1"] + TINY)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
