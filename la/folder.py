@@ -6,7 +6,8 @@ DataLoader workers, each training image's crop and flip keyed to (seed, epoch, i
 Images in sub-folders of a class folder belong to that class, as in torchvision's ImageFolder.
 
 The prior is the training counts after the validation split; without val/ (or data.val_list) a balanced split of
-data.val_per_class images per class (never more than half of a class) is carved from the training images.
+data.val_per_class images per class (never more than half of a class) is carved from the training images; a val/
+without images is refused, not taken for "no validation split".
 """
 import hashlib
 import json
@@ -186,7 +187,11 @@ def _read_splits(dc):
         out = {"train": train, "test": _scan(root / "test", classes)[1:]}
         if (root / "val").is_dir():
             out["val"] = _scan(root / "val", classes)[1:]
-        for paths, _ in out.values():
+        for split, (paths, _) in out.items():
+            if split != "train" and not paths:  # train's own line is prepare's
+                raise UserError(f"{root / split}/ holds no images (.jpg, .jpeg, .png) in its class folders"
+                                + ("; put the validation images there, or remove val/ to carve data.val_per_class "
+                                   "per class from train/" if split == "val" else ""))
             check_files(paths, lambda p, problem: f"image file {p} {problem}")
         return out, classes
     lists = {"train": dc.train_list, "val": dc.val_list, "test": dc.test_list}
@@ -196,6 +201,10 @@ def _read_splits(dc):
     out = {s: read_list(Path(root) / f if not Path(f).is_absolute() else f, root) for s, f in lists.items() if f}
     n = int(out["train"][1].max()) + 1 if len(out["train"][1]) else 0
     for split, (_, y) in out.items():
+        if split != "train" and not len(y):
+            raise UserError(f"data.{split}_list {lists[split]} lists no images"
+                            + ("; to carve a validation split from training instead, leave data.val_list empty"
+                               if split == "val" else ""))
         bad = y[(y < 0) | (y >= n)]
         if len(bad):
             raise UserError(f"data.{split}_list has label {bad[0]}, outside the training labels 0..{n - 1}")

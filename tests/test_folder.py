@@ -246,3 +246,23 @@ def test_a_checkpoint_is_saved_before_the_epoch_is_evaluated(fake_root, tmp_path
                     "--set", "train.eval_every=1"] + TINY)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+
+
+def test_an_empty_val_folder_or_list_is_one_line_not_a_missing_validation_split(tmp_path):
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    (root / "val").mkdir()
+    with pytest.raises(UserError, match=r"d/val/ holds no images .*remove val/ to carve data.val_per_class"):
+        folder.prepare(cfg(root))
+    (root / "val" / "class00").mkdir()
+    with pytest.raises(UserError, match=r"d/val/ holds no images"):
+        folder.prepare(cfg(root))
+    (root / "val" / "class00").rmdir()
+    (root / "val").rmdir()
+    assert folder.prepare(cfg(root)).manifest["val_counts"] == [3, 1]  # carved
+    (tmp_path / "train.txt").write_text("train/class00/00000.png 0\ntrain/class01/00000.png 1\n")
+    (tmp_path / "val.txt").write_text("\n")
+    lists = dict(dataset="list", train_list=str(tmp_path / "train.txt"), val_list=str(tmp_path / "val.txt"),
+                 test_list=str(tmp_path / "train.txt"))
+    with pytest.raises(UserError, match=r"data.val_list .*val.txt lists no images; .*leave data.val_list empty"):
+        folder.prepare(cfg(root, **lists))
