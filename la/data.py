@@ -449,7 +449,7 @@ def make_loader(cfg, splits, ctx):
         from la import folder
 
         return folder.FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
-                                   tc.channels_last, dc.augment, dc.workers)
+                                   tc.channels_last, dc.augment, dc.workers, dc.normalize, dc.drop_last)
     kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
     extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
     return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,

@@ -189,7 +189,7 @@ def compute_logits(model, x, rt, batch_size=1024, features=False, normalize="mea
     (logits, features)."""
     model.eval()
     if hasattr(x, "eval_batches"):  # la.folder.ImageList: decoded from files as it goes
-        normalize = data.Normalize(rt.device, rt.channels_last, mean=x.mean, std=x.std)
+        normalize = data.Normalize(rt.device, rt.channels_last, normalize, mean=x.mean, std=x.std)
         chunks = x.eval_batches(batch_size, rt.device)
     else:
         x, normalize = torch.as_tensor(x), data.Normalize(rt.device, rt.channels_last, normalize)

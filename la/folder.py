@@ -353,15 +353,16 @@ class FolderLoader(_Planned):
     and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
     neither the worker count nor a mid-epoch resume changes a batch."""
 
-    def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
+    def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2,
+                 normalize="mean_std", drop_last=False):
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(images), batch_size, rank, world_size, seed
-        self.device, self.augment, self.drop_last = device, augment, False
+        self.device, self.augment, self.drop_last = device, augment, drop_last
         self.sampler = PlanSampler()
         cuda = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             _Images(images.paths, images.labels, images.size, seed), batch_size=batch_size // world_size,
             sampler=self.sampler, num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
-        self.normalize = Normalize(device, channels_last, mean=images.mean, std=images.std)
+        self.normalize = Normalize(device, channels_last, normalize, mean=images.mean, std=images.std)
 
     def batches(self, epoch, start_step=0):
         plan = self.plan(epoch)[start_step:]

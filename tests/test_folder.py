@@ -266,3 +266,37 @@ def test_an_empty_val_folder_or_list_is_one_line_not_a_missing_validation_split(
                  test_list=str(tmp_path / "train.txt"))
     with pytest.raises(UserError, match=r"data.val_list .*val.txt lists no images; .*leave data.val_list empty"):
         folder.prepare(cfg(root, **lists))
+
+
+@pytest.mark.parametrize("key, value", [("data.rho", "50"), ("data.profile", "step"), ("data.crop_pad", "2"),
+                                        ("data.loader", "torchvision")])
+def test_a_cifar_only_key_set_for_a_folder_or_list_dataset_is_refused_in_one_line(key, value, tmp_path):
+    from la import config
+
+    for dataset in ("folder", "list"):
+        with pytest.raises(UserError, match=rf"^{key}=.* does not apply to --dataset {dataset}: .*leave it at its"):
+            config.build(overrides=[("data.dataset", dataset), (key, value)])
+    assert config.build(overrides=[("data.dataset", "cifar10"), (key, value)])  # CIFAR's own key
+    proc = run([REPO / "train.py", "--dataset", "folder", "--data-root", tmp_path, "--set", f"{key}={value}"],
+               tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not apply" in proc.stderr
+
+
+def test_drop_last_and_normalize_apply_to_folder_datasets(toy):
+    root, _ = toy
+    s = folder.prepare(cfg(root))  # 94 training images: 5 batches of 16 and one of 14
+    kw = dict(batch_size=16, rank=0, world_size=1, seed=0, device=torch.device("cpu"), channels_last=False, workers=0)
+    assert folder.FolderLoader(s.train_x, **kw).steps(0) == 6
+    assert folder.FolderLoader(s.train_x, **kw, drop_last=True).steps(0) == 5
+    x_std = next(folder.FolderLoader(s.train_x, **kw).batches(0))[0]
+    x_center = next(folder.FolderLoader(s.train_x, **kw, normalize="center").batches(0))[0]
+    mean, std = torch.tensor(folder.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(folder.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x_center, (x_std * std + mean) - 0.5, atol=1e-5)
+    # evaluation scales as training did
+    from la import engine, runtime
+    rt = runtime.Runtime(torch.device("cpu"))
+    seen = []
+    model = torch.nn.Module()
+    model.forward = lambda x: seen.append(x) or torch.zeros(len(x), 5)
+    engine.compute_logits(model, s.test_x[:4], rt, normalize="center")
+    assert -0.5 <= float(seen[0].min()) and float(seen[0].max()) <= 0.5
