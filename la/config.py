@@ -36,9 +36,9 @@ class Data:
     workers: int = 2                # DataLoader workers: torchvision loader, folder and list datasets
     augment: bool = True            # random crop (padded by crop_pad) + horizontal flip
     crop_pad: int = 4               # pixels of padding on each side before the random 32x32 crop (the authors' TF code: 2)
-    normalize: str = "mean_std"     # mean_std: CIFAR's (folder/list: ImageNet's) per-channel mean and std, padding black
-                                    # pixels | center: x/255 - 0.5, padding zeros of the scaled image, as the authors'
-                                    # TF code scales before it pads
+    normalize: str = "mean_std"     # mean_std: CIFAR's (folder/list: ImageNet's) per-channel mean and std, padding
+                                    # black pixels | center: x/255 - 0.5, padding zeros of the scaled image, as the
+                                    # authors' TF code scales before it pads
     drop_last: bool = False         # drop each epoch's short last batch (the authors' TF code: drop_remainder)
 
 

@@ -1,4 +1,4 @@
-"""--dataset folder and --dataset list (la/folder.py): your own long-tailed images, on a generated folder."""
+"""--dataset folder and --dataset list (la/data/folder.py): your own long-tailed images, on a generated folder."""
 import json
 import sys
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, run
-from la import UserError, folder
+from la import UserError
+from la.data import folder
 from la.config import Data
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -1,5 +1,6 @@
-"""Your own long-tailed images: a folder per class (--dataset folder) or list files (--dataset list), decoded in
-DataLoader workers, each training image's crop and flip keyed to (seed, epoch, index) so a resume is exact.
+"""The folder and list source, your own long-tailed images: a folder per class (--dataset folder) or list files
+(--dataset list), decoded in DataLoader workers, each training image's crop and flip keyed to (seed, epoch, index) so
+a resume is exact.
 
     ROOT/train/<class>/*.jpg|png   ROOT/test/<class>/...   ROOT/val/<class>/... (optional)
 
@@ -23,7 +24,8 @@ import torch
 import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
-from la.data import Normalize, PlanSampler, _Planned
+from la.data.batches import Normalize, Planned, PlanSampler
+from la.data.splits import Splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,7 +159,7 @@ def check_files(paths, say):
 
 def hold_out_validation(labels, per_class, seed):
     """Indices (train, val): per class, min(per_class, half its images) drawn for validation, seeded. Unlike
-    la.data.carve_validation (CIFAR's, from the images its subset left out), a folder is long-tailed already:
+    la.data.cifar.carve_validation (CIFAR's, from the images its subset left out), a folder is long-tailed already:
     the validation images come out of its own training list."""
     rng = np.random.RandomState(seed + 1_000_003)
     val = []
@@ -212,9 +214,7 @@ def _read_splits(dc):
 
 
 def prepare(dc):
-    """la.data.Splits of a folder or list dataset: ImageList 'arrays', training counts, manifest."""
-    from la.data import Splits
-
+    """Splits of a folder or list dataset: ImageList 'arrays', training counts, manifest."""
     parts, classes = _read_splits(dc)
     paths, labels = parts["train"]
     if not len(labels):
@@ -324,7 +324,7 @@ def one_line(e):
 
 
 class ImageList:
-    """A split of image files standing where CIFAR's uint8 array stands in la.data.Splits: len, slicing (for the
+    """A split of image files standing where CIFAR's uint8 array stands in Splits: len, slicing (for the
     evaluation shards of la.engine.evaluate) and batches of decoded, centre-cropped uint8 images."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
@@ -348,9 +348,9 @@ class ImageList:
             raise UserError(one_line(e))
 
 
-class FolderLoader(_Planned):
-    """Training batches of an ImageList through DataLoader workers, on la.data's epoch plan (the same permutation
-    and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
+class FolderLoader(Planned):
+    """Training batches of an ImageList through DataLoader workers, on la.data.batches's epoch plan (the same
+    permutation and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
     neither the worker count nor a mid-epoch resume changes a batch."""
 
     def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2,
@@ -375,3 +375,10 @@ class FolderLoader(_Planned):
                 yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device)
         except UserError as e:
             raise UserError(one_line(e))
+
+
+def make_loader(cfg, splits, ctx):
+    """This rank's training batches of a folder or list dataset, on ctx's device."""
+    dc, tc = cfg.data, cfg.train
+    return FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
+                        tc.channels_last, dc.augment, dc.workers, dc.normalize, dc.drop_last)
