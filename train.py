@@ -108,6 +108,8 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[2]),
                   "train_acc": 100 * float(totals[1] / totals[2])}
         dist.sync_buffers(t.raw_model)
+        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs or stopped:  # before evaluating: kept if it fails
+            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
             t1 = time.perf_counter()
             record.update(engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size, cfg.data.normalize))
@@ -118,8 +120,6 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                              if k not in ("epoch", "seconds", "eval_seconds"))
             say(f"epoch {epoch + 1:3d}/{tc.epochs} {shown}", flush=True)
-        if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs or stopped:
-            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
         if stopped:
             return stopped_by(stop, epoch + 1, 0, args, say)
         dist.barrier()

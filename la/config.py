@@ -1,6 +1,7 @@
 """Recipes: typed defaults, a YAML file on top, then CLI flags, then --set dotted.key=value.
 
-Every key reaches the code; an unknown key, a value of the wrong type or one out of range is a UserError.
+Every key reaches the code; an unknown key, a value of the wrong type or one out of range is a UserError, and so is a
+CIFAR-only key set for a folder or list dataset (CIFAR_ONLY).
 """
 import argparse
 import dataclasses
@@ -26,7 +27,7 @@ class Data:
     test_list: str = ""
     image_size: int = 224           # folder/list: RandomResizedCrop size in training; resize / 0.875 + centre crop in eval
     download: bool = True           # fetch with torchvision's downloader when absent
-    profile: str = "exp"            # exp | step
+    profile: str = "exp"            # exp | step (CIFAR only, as rho, loader and crop_pad: CIFAR_ONLY)
     rho: float = 100.0              # imbalance ratio n_max / n_min, >= 1
     subset_seed: int = 0            # LDAM-DRW's rand_number: which images form the subset
     val_per_class: int = 20         # balanced validation split from the unused images (folder/list: from training,
@@ -35,8 +36,9 @@ class Data:
     workers: int = 2                # DataLoader workers: torchvision loader, folder and list datasets
     augment: bool = True            # random crop (padded by crop_pad) + horizontal flip
     crop_pad: int = 4               # pixels of padding on each side before the random 32x32 crop (the authors' TF code: 2)
-    normalize: str = "mean_std"     # mean_std: CIFAR's per-channel mean and std, padding black pixels | center: x/255 - 0.5,
-                                    # padding zeros of the scaled image, as the authors' TF code scales before it pads
+    normalize: str = "mean_std"     # mean_std: CIFAR's (folder/list: ImageNet's) per-channel mean and std, padding
+                                    # black pixels | center: x/255 - 0.5, padding zeros of the scaled image, as the
+                                    # authors' TF code scales before it pads
     drop_last: bool = False         # drop each epoch's short last batch (the authors' TF code: drop_remainder)
 
 
@@ -228,6 +230,27 @@ def validate(cfg):
             raise UserError(message)
 
 
+# Keys that shape CIFAR's pipeline alone: set to anything but their default with --dataset folder or list, they are
+# refused rather than silently ignored (data.normalize, data.drop_last and data.augment apply to every dataset).
+CIFAR_ONLY = {
+    "rho": "it shapes CIFAR's long-tailed subset; a folder or list dataset is taken as it is",
+    "profile": "it shapes CIFAR's long-tailed subset; a folder or list dataset is taken as it is",
+    "crop_pad": "folder and list images get RandomResizedCrop to data.image_size, not a padded 32 x 32 crop",
+    "loader": "folder and list images are always decoded in DataLoader workers (data.workers sets how many)",
+}
+
+
+def check_applies(cfg):
+    """A CIFAR-only key set for a folder or list dataset is one line, not a key that silently does nothing."""
+    if cfg.data.dataset not in ("folder", "list"):
+        return
+    for key, why in CIFAR_ONLY.items():
+        value, default = getattr(cfg.data, key), getattr(Data(), key)
+        if value != default:
+            raise UserError(f"data.{key}={value!r} does not apply to --dataset {cfg.data.dataset}: {why}; leave it "
+                            f"at its default ({default!r})")
+
+
 def data_root(flag=None, recorded="./data"):
     """Where the data is, the one rule every entry point follows: --data-root, else $LA_DATA_ROOT, else the
     recipe's data.root (for eval.py, the one the run recorded)."""
@@ -243,6 +266,7 @@ def build(config_path=None, overrides=()):
     for key, value in overrides:
         set_key(cfg, key, value)
     validate(cfg)
+    check_applies(cfg)  # here, not in validate: a run recorded before it was refused still evaluates
     return cfg
 
 

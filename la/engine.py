@@ -183,13 +183,13 @@ def train_epoch(t, batches, meter, stop=None, step=0, bar=None):
 
 @torch.no_grad()
 def compute_logits(model, x, rt, batch_size=1024, features=False, normalize="mean_std"):
-    """fp32 logits of a uint8 N x 3 x 32 x 32 array (or a la.folder.ImageList), in order, on the CPU, at the Runtime
-    rt's device, precision and memory format, an array's input scaled as data.normalize `normalize` says (the run's
+    """fp32 logits of a uint8 N x 3 x 32 x 32 array (or a la.data.folder.ImageList), in order, on the CPU, at the
+    Runtime rt's device, precision and memory format, the input scaled as data.normalize `normalize` says (the run's
     own); with features=True also the penultimate features (what the classifier `model.fc` reads), as
     (logits, features)."""
     model.eval()
-    if hasattr(x, "eval_batches"):  # la.folder.ImageList: decoded from files as it goes
-        normalize = data.Normalize(rt.device, rt.channels_last, mean=x.mean, std=x.std)
+    if hasattr(x, "eval_batches"):  # la.data.folder.ImageList: decoded from files as it goes
+        normalize = data.Normalize(rt.device, rt.channels_last, normalize, mean=x.mean, std=x.std)
         chunks = x.eval_batches(batch_size, rt.device)
     else:
         x, normalize = torch.as_tensor(x), data.Normalize(rt.device, rt.channels_last, normalize)

@@ -6,12 +6,12 @@
     python scripts/bench.py --concurrent 1 2 4 8            # aggregate (b) of K runs training at once
     python scripts/bench.py --model resnet34 --bn-batch 16  # the seed recipe's network and batch norm
     python scripts/bench.py --config configs/official_cifar10.yaml  # the authors' TF recipe: network, inputs, epochs
-    python scripts/bench.py --dataset folder --model resnet50 --workers 8   # your own images (la/folder.py)
+    python scripts/bench.py --dataset folder --model resnet50 --workers 8   # your own images (la/data/folder.py)
 
 (a) reference: the LDAM-DRW-style pipeline: fp32, NCHW, PIL RandomCrop/Flip/ToTensor/Normalize in
-    2 DataLoader workers (la.data.TorchvisionLoader).
+    2 DataLoader workers (la.data.cifar.TorchvisionLoader).
 (b) train:     train.py's loop, la.engine.train_epoch, at the recipe defaults: uint8 data on the device with batched tensor
-    augmentation (la.data.TensorLoader), precision 'auto', channels_last, compile 'auto', cuda_graph 'auto'
+    augmentation (la.data.cifar.TensorLoader), precision 'auto', channels_last, compile 'auto', cuda_graph 'auto'
     (on a CPU, 'auto' times the candidates as train.py does: la.autotune). On a CPU, (b) is also measured at
     every fixed precision and compile setting (--grid), so the figure shows what 'auto' chose and what it left.
 (c) bare step: (b)'s model, precision, compilation, CUDA graph and optimizer step on one fixed, pre-normalised batch:
@@ -27,7 +27,7 @@ per-epoch costs (a new permutation, the reference's DataLoader worker start-up) 
 that meet them; the median then shows the steady state, and 'overall' (all windows' images / all
 windows' seconds) keeps those costs in.
 
---dataset folder measures instead the image-file path (la.folder.FolderLoader) on generated 256 x 256 JPEGs:
+--dataset folder measures instead the image-file path (la.data.folder.FolderLoader) on generated 256 x 256 JPEGs:
 the loader alone (decode, RandomResizedCrop, flip, batching) in the main process (0 workers: one core's rate) and
 with --workers DataLoader workers, then train.py's loop fed by it (fp32, uncompiled).
 """
@@ -266,7 +266,7 @@ def bench_folder(args, cfg, device):
     """{figure: measure(...)}: the loader alone at 0 and args.workers workers, and train.py's loop it feeds."""
     import tempfile
 
-    from la import folder
+    from la.data import folder
 
     with tempfile.TemporaryDirectory() as tmp:
         splits = folder_splits(args, cfg, Path(tmp))

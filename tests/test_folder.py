@@ -1,12 +1,14 @@
-"""--dataset folder and --dataset list (la/folder.py): your own long-tailed images, on a generated folder."""
+"""--dataset folder and --dataset list (la/data/folder.py): your own long-tailed images, on a generated folder."""
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, run
-from la import UserError, folder
+from la import UserError
+from la.data import folder
 from la.config import Data
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -82,7 +84,7 @@ def test_bad_folder_and_list_inputs_are_one_line(toy, tmp_path):
     with pytest.raises(UserError, match=r"zebra is a class that .*train does not have"):
         folder.prepare(cfg(bad))
     (bad / "test" / "zebra").rmdir()
-    (bad / "train" / "class00" / "00000.png").write_bytes(b"not a png")
+    (bad / "train" / "class00" / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n, then not a png")
     s = folder.prepare(cfg(bad, val_per_class=0))
     loader = folder.FolderLoader(s.train_x, 64, 0, 1, 0, torch.device("cpu"), False, workers=1)
     with pytest.raises(UserError, match=r"^unreadable image .*00000.png: UnidentifiedImageError") as e:
@@ -129,3 +131,173 @@ def test_a_folder_run_resumed_by_train_py_ends_as_an_uninterrupted_one(toy, tmp_
     assert len(whole) == len(split) == 2 and whole[1] == split[1]  # the last epoch, evaluated, alike
     # epoch 1 was the split run's last, so it was evaluated there too: its training figures are the same
     assert whole[0] == {k: v for k, v in split[0].items() if k in whole[0]}
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_saturated(tmp_path):
+    """convert("RGB") clips 16-bit grayscale at 255: a random image came out almost all white."""
+    from PIL import Image
+
+    a = np.random.RandomState(0).randint(0, 65536, (16, 16)).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    im = folder._decode(tmp_path / "deep.png")
+    x = np.asarray(im)
+    assert im.mode == "RGB" and x.shape == (16, 16, 3)
+    assert (x == (a >> 8).astype(np.uint8)[:, :, None]).all()
+    Image.fromarray((a >> 8).astype(np.uint8)).save(tmp_path / "flat.png")  # 8-bit grayscale: as it was
+    assert (np.asarray(folder._decode(tmp_path / "flat.png")) == x).all()
+
+
+def test_images_in_sub_folders_of_a_class_folder_are_read_as_imagefolder_reads_them(tmp_path):
+    root = tmp_path / "nested"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    flat = folder.prepare(cfg(root, val_per_class=0))
+    sub = root / "train" / "class00" / "a" / "b"
+    sub.mkdir(parents=True)
+    for f in sorted((root / "train" / "class00").glob("0000[0-2].png")):
+        f.rename(sub / f.name)
+    s = folder.prepare(cfg(root, val_per_class=0))
+    assert s.counts == flat.counts == [6, 3]
+    assert sum("/a/b/" in p for p in s.train_x.paths) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"train/class00/00000.png --3\n", r"train.txt line 1: expected 'relative/path label' with an integer label, "
+                                      r"got 'train/class00/00000.png --3'"),
+    ("train/class00/00000.png 0\ntrain/class00/00001.png \u00b2\n".encode(), r"train.txt line 2: .*integer label"),
+    (b"train/class00/00000.png 0\n\ntrain/class00/00001.png 1.7\n", r"train.txt line 3: .*integer label, got .*1\.7"),
+    (b"train/class00/00000.png 0\ntrain/class00/caf\xe9.png 0\n", r"train.txt line 2 is not UTF-8 text \(byte 0xe9\)"),
+])
+def test_bad_list_lines_are_one_line_naming_file_and_line(tmp_path, content, message):
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    (tmp_path / "train.txt").write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        folder.read_list(tmp_path / "train.txt", root)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("label", ["cat", None, 1.7, True])
+def test_an_inaturalist_category_id_that_is_not_an_integer_is_one_line(tmp_path, label):
+    images = [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "b.png"}]
+    notes = [{"image_id": 7, "category_id": 0}, {"image_id": 8, "category_id": label}]
+    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": notes}))
+    with pytest.raises(UserError, match=r"train.json annotation 1 \(image_id 8\): category_id .* is not an integer"):
+        folder.read_list(tmp_path / "train.json", tmp_path)
+
+
+def test_a_directory_given_as_a_list_file_is_named_as_one(tmp_path):
+    with pytest.raises(UserError, match=r"list file .* is a directory"):
+        folder.read_list(tmp_path, tmp_path)
+
+
+def test_file_and_class_names_that_are_not_utf8_are_read_and_hashed(tmp_path):
+    """Names from a zip archive may not be UTF-8: Python hands them over surrogate-escaped."""
+    import os
+
+    root = tmp_path / "latin1"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    for split in ("train", "test"):
+        os.rename(root / split / "class01", os.path.join(os.fsencode(root / split), b"caf\xe9"))
+    os.rename(os.path.join(os.fsencode(root / "train"), b"caf\xe9", b"00000.png"),
+              os.path.join(os.fsencode(root / "train"), b"caf\xe9", b"\xff.png"))
+    s = folder.prepare(cfg(root, val_per_class=0))
+    assert s.manifest["classes"] == ["caf\udce9", "class00"] and s.counts == [3, 6]
+    assert len(s.manifest["train_sha256"]) == 16
+    json.dumps(s.manifest)  # split.json holds it
+
+
+def test_unreadable_files_are_found_at_start_up_not_when_an_epoch_reads_them(tmp_path):
+    """A broken link, a macOS ._ companion, a file that is not an image: one line from prepare, before training."""
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    folder.prepare(cfg(root))
+    cls = root / "train" / "class01"
+    (cls / "00009.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match=r"^image file .*class01/00009.png is a broken link$"):
+        folder.prepare(cfg(root))
+    (cls / "00009.png").unlink()
+    (cls / "._00000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    with pytest.raises(UserError, match=r"^image file .*/\._00000.png is not a JPEG, PNG.*a macOS \._ companion"):
+        folder.prepare(cfg(root))
+    (cls / "._00000.png").unlink()
+    (root / "test" / "class00" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.jpg is not a JPEG, PNG, .* \(it starts b''\)"):
+        folder.prepare(cfg(root))
+    (root / "test" / "class00" / "empty.jpg").unlink()
+    (tmp_path / "train.txt").write_text("train/class00/00000.png 0\ntrain/class01 1\n")
+    with pytest.raises(UserError, match=r"train.txt lists .*train/class01, which is not a regular file"):
+        folder.read_list(tmp_path / "train.txt", root)
+
+
+def test_a_checkpoint_is_saved_before_the_epoch_is_evaluated(fake_root, tmp_path, monkeypatch):
+    """An evaluation that fails (an image gone bad since start-up) must not lose the epoch just trained."""
+    sys.path.insert(0, str(REPO))
+    import train
+    from la import engine
+
+    from conftest import TINY
+
+    def fails(*a, **k):
+        raise UserError("evaluation failed")
+
+    monkeypatch.setattr(engine, "evaluate_splits", fails)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="evaluation failed"):
+        train.main(["--data-root", str(fake_root), "--out", str(tmp_path / "run"), "--epochs", "2",
+                    "--set", "train.eval_every=1"] + TINY)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+
+
+def test_an_empty_val_folder_or_list_is_one_line_not_a_missing_validation_split(tmp_path):
+    root = tmp_path / "d"
+    make_toy_folder.make(root, classes=2, head=6, rho=2, test_per_class=2)
+    (root / "val").mkdir()
+    with pytest.raises(UserError, match=r"d/val/ holds no images .*remove val/ to carve data.val_per_class"):
+        folder.prepare(cfg(root))
+    (root / "val" / "class00").mkdir()
+    with pytest.raises(UserError, match=r"d/val/ holds no images"):
+        folder.prepare(cfg(root))
+    (root / "val" / "class00").rmdir()
+    (root / "val").rmdir()
+    assert folder.prepare(cfg(root)).manifest["val_counts"] == [3, 1]  # carved
+    (tmp_path / "train.txt").write_text("train/class00/00000.png 0\ntrain/class01/00000.png 1\n")
+    (tmp_path / "val.txt").write_text("\n")
+    lists = dict(dataset="list", train_list=str(tmp_path / "train.txt"), val_list=str(tmp_path / "val.txt"),
+                 test_list=str(tmp_path / "train.txt"))
+    with pytest.raises(UserError, match=r"data.val_list .*val.txt lists no images; .*leave data.val_list empty"):
+        folder.prepare(cfg(root, **lists))
+
+
+@pytest.mark.parametrize("key, value", [("data.rho", "50"), ("data.profile", "step"), ("data.crop_pad", "2"),
+                                        ("data.loader", "torchvision")])
+def test_a_cifar_only_key_set_for_a_folder_or_list_dataset_is_refused_in_one_line(key, value, tmp_path):
+    from la import config
+
+    for dataset in ("folder", "list"):
+        with pytest.raises(UserError, match=rf"^{key}=.* does not apply to --dataset {dataset}: .*leave it at its"):
+            config.build(overrides=[("data.dataset", dataset), (key, value)])
+    assert config.build(overrides=[("data.dataset", "cifar10"), (key, value)])  # CIFAR's own key
+    proc = run([REPO / "train.py", "--dataset", "folder", "--data-root", tmp_path, "--set", f"{key}={value}"],
+               tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not apply" in proc.stderr
+
+
+def test_drop_last_and_normalize_apply_to_folder_datasets(toy):
+    root, _ = toy
+    s = folder.prepare(cfg(root))  # 94 training images: 5 batches of 16 and one of 14
+    kw = dict(batch_size=16, rank=0, world_size=1, seed=0, device=torch.device("cpu"), channels_last=False, workers=0)
+    assert folder.FolderLoader(s.train_x, **kw).steps(0) == 6
+    assert folder.FolderLoader(s.train_x, **kw, drop_last=True).steps(0) == 5
+    x_std = next(folder.FolderLoader(s.train_x, **kw).batches(0))[0]
+    x_center = next(folder.FolderLoader(s.train_x, **kw, normalize="center").batches(0))[0]
+    mean, std = torch.tensor(folder.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(folder.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x_center, (x_std * std + mean) - 0.5, atol=1e-5)
+    # evaluation scales as training did
+    from la import engine, runtime
+    rt = runtime.Runtime(torch.device("cpu"))
+    seen = []
+    model = torch.nn.Module()
+    model.forward = lambda x: seen.append(x) or torch.zeros(len(x), 5)
+    engine.compute_logits(model, s.test_x[:4], rt, normalize="center")
+    assert -0.5 <= float(seen[0].min()) and float(seen[0].max()) <= 0.5

@@ -1,4 +1,5 @@
-"""CIFAR from its python pickles, the long-tailed subset, the validation split, and batches.
+"""The CIFAR source: its python pickles, the long-tailed subset, the validation split, and its two training loaders
+(tensor ops on the device, or torchvision's PIL transforms in DataLoader workers).
 
 The subset follows kaidic/LDAM-DRW's IMBALANCECIFAR exactly (same counts, same images for
 the same seed), so numbers here are comparable with the PyTorch long-tail literature.
@@ -6,25 +7,20 @@ the same seed), so numbers here are comparable with the PyTorch long-tail litera
 import hashlib
 import math
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from la import UserError
-
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+from la.data.batches import MEAN, STD, Normalize, Planned, PlanSampler, epoch_generator, shard
+from la.data.splits import Splits
 
 LAYOUT = {
     # dataset: (folder, train files, test files, label key, classes, torchvision class name)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10, "CIFAR10"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100, "CIFAR100"),
 }
-
-
-FILE_DATASETS = ("folder", "list")  # image files (la/folder.py), not CIFAR pickles
 
 
 def num_classes(dataset):
@@ -200,34 +196,12 @@ def pixel_hash(x):
 PIXEL_KEYS = ("train_pixels_sha256", "val_pixels_sha256", "test_pixels_sha256")
 
 
-def same_split(saved, now):
-    """Whether a manifest recorded earlier (a checkpoint's) describes the split `now`: every field it holds agrees.
-    Manifests written before the pixel hashes were kept lack them, and are checked on what they hold."""
-    return isinstance(saved, dict) and all(now.get(k) == v for k, v in saved.items())
-
-
-@dataclass
-class Splits:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    counts: list
-    manifest: dict
-
-
 def prepare(data_cfg, allow_empty_classes=False):
-    """Load the dataset named by a config's data section and carve the long-tailed and validation splits.
+    """Load the CIFAR dataset named by a config's data section and carve the long-tailed and validation splits.
 
     A rho that leaves a class without training images is an error, unless allow_empty_classes (eval.py, for runs
     trained before it was).
     """
-    if data_cfg.dataset in FILE_DATASETS:
-        from la import folder
-
-        return folder.prepare(data_cfg)
     x, y, test_x, test_y = load_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
     n_classes = num_classes(data_cfg.dataset)
     n_max = len(y) // n_classes
@@ -259,27 +233,7 @@ def prepare(data_cfg, allow_empty_classes=False):
     return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y, counts, manifest)
 
 
-# ---------------------------------------------------------------- batches
-
-def epoch_generator(seed, epoch):
-    """Every rank draws the same permutation and augmentation for an epoch, and resuming re-draws them."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def epoch_plan(n, batch_size, world_size, seed, epoch, drop_last=False):
-    """The epoch's permutation cut into global batches; a short last batch is cut to a multiple of world_size, or
-    with drop_last dropped (n // batch_size batches, as tf.data's batch(drop_remainder=True))."""
-    perm = torch.randperm(n, generator=epoch_generator(seed, epoch))
-    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    tail = 0 if drop_last and len(batches[-1]) < batch_size else len(batches[-1]) // world_size * world_size
-    batches[-1] = batches[-1][:tail]
-    return [b for b in batches if len(b)]
-
-
-def shard(batch, rank, world_size):
-    per_rank = len(batch) // world_size
-    return batch[rank * per_rank:(rank + 1) * per_rank]
-
+# ---------------------------------------------------------------- training loaders
 
 def augment_params(n, seed, epoch, pad=4):
     """Crop offsets in 0..2 pad (torchvision's RandomCrop(32, padding=pad): 0..8 at the usual 4) and flips, one per
@@ -303,38 +257,7 @@ def crop_flip(x, offsets, flips, pad=4):
     return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
 
 
-class Normalize:
-    """uint8 -> float in the memory format the model wants, as data.normalize says: 'mean_std', per-channel mean and
-    std (CIFAR's unless told others: a folder dataset passes ImageNet's); 'center', x * (1 / 255) - 0.5, the authors'
-    TF code's scaling (logit_adjustment/utils.py).
-
-    `scales_first`: augmentation pads the scaled image (with zeros, a mid-grey pixel), as that TF code pads after
-    scaling; otherwise it pads the uint8 image with black pixels, as torchvision's RandomCrop pads a PIL image."""
-
-    def __init__(self, device, channels_last, kind="mean_std", mean=MEAN, std=STD):
-        self.kind, self.scales_first = kind, kind == "center"
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, x):
-        x = x.contiguous(memory_format=self.memory_format)
-        if self.kind == "center":
-            return x.float() * (1.0 / 255) - 0.5
-        return (x.float() - self.mean) * self.inv_std
-
-
-class _Planned:
-    """An epoch's plan of batches (epoch_plan) from the loader's n, batch_size, world_size, seed and drop_last."""
-
-    def plan(self, epoch):
-        return epoch_plan(self.n, self.batch_size, self.world_size, self.seed, epoch, self.drop_last)
-
-    def steps(self, epoch):
-        return len(self.plan(epoch))
-
-
-class TensorLoader(_Planned):
+class TensorLoader(Planned):
     """The training set as one uint8 tensor on the device; each epoch a seeded, rank-sharded plan.
 
     Batches for epoch e are a pure function of (seed, e), so a run resumed mid-epoch sees
@@ -369,22 +292,6 @@ class TensorLoader(_Planned):
                 yield norm(crop_flip(x, offsets[idx], flips[idx], self.crop_pad)), self.y[idx]
 
 
-class PlanSampler(torch.utils.data.Sampler):
-    """This rank's (key, index) items of an epoch plan, in order, for a DataLoader with batch_size=per-rank batch;
-    key is the epoch the augmentation is drawn for. set() before each pass (a persistent worker pool keeps one)."""
-    items = ()
-
-    def set(self, plan, rank, world_size, key):
-        self.items = [(key, int(i)) for b in plan for i in shard(b, rank, world_size)]
-        return self
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-
 class _ArrayDataset(torch.utils.data.Dataset):
     """torchvision's crop (padded by `pad`) and flip of image i in epoch e at augment_params(n, seed, e, pad)[i], the
     tensor loader's own draw: keyed to (seed, epoch, index), so neither the worker count nor a mid-epoch resume
@@ -415,9 +322,9 @@ class _ArrayDataset(torch.utils.data.Dataset):
         return (F.normalize(x, MEAN, STD) if self.normalize == "mean_std" else x), int(self.y[i])
 
 
-class TorchvisionLoader(_Planned):
+class TorchvisionLoader(Planned):
     """The reference pipeline: PIL transforms in DataLoader workers. Same plan of indices and crops per epoch.
-    With normalize='mean_std' it takes this module's MEAN and STD (CIFAR-10's per-channel std over the training set,
+    With normalize='mean_std' it takes la.data.batches's MEAN and STD (CIFAR-10's per-channel std over the training set,
     0.2470, 0.2435, 0.2616), not LDAM-DRW's std (0.2023, 0.1994, 0.2010): the same input the tensor loader gives, so
     scripts/bench.py's (a) and (b) differ in the pipeline alone. The tensor loader keeps these constants too: the
     committed runs trained on them."""
@@ -445,11 +352,6 @@ class TorchvisionLoader(_Planned):
 def make_loader(cfg, splits, ctx):
     """The training batches a recipe asks for (data.loader), this rank's share, on ctx's device."""
     dc, tc = cfg.data, cfg.train
-    if dc.dataset in FILE_DATASETS:
-        from la import folder
-
-        return folder.FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
-                                   tc.channels_last, dc.augment, dc.workers)
     kind = TensorLoader if dc.loader == "tensor" else TorchvisionLoader
     extra = {"workers": dc.workers} if dc.loader == "torchvision" else {}
     return kind(splits.train_x, splits.train_y, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,

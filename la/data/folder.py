@@ -1,14 +1,22 @@
-"""Your own long-tailed images: a folder per class (--dataset folder) or list files (--dataset list), decoded in
-DataLoader workers, each training image's crop and flip keyed to (seed, epoch, index) so a resume is exact.
+"""The folder and list source, your own long-tailed images: a folder per class (--dataset folder) or list files
+(--dataset list), decoded in DataLoader workers, each training image's crop and flip keyed to (seed, epoch, index) so
+a resume is exact.
 
     ROOT/train/<class>/*.jpg|png   ROOT/test/<class>/...   ROOT/val/<class>/... (optional)
 
+Images in sub-folders of a class folder belong to that class, as in torchvision's ImageFolder.
+
 The prior is the training counts after the validation split; without val/ (or data.val_list) a balanced split of
-data.val_per_class images per class (never more than half of a class) is carved from the training images.
+data.val_per_class images per class (never more than half of a class) is carved from the training images; a val/
+without images is refused, not taken for "no validation split".
 """
 import hashlib
 import json
 import math
+import os
+import re
+import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +24,8 @@ import torch
 import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
-from la.data import Normalize, PlanSampler, _Planned
+from la.data.batches import Normalize, Planned, PlanSampler
+from la.data.splits import Splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,6 +33,15 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 # ---------------------------------------------------------------- reading the splits
+
+def _images_under(class_dir):
+    """The image files anywhere under a class folder, sub-folders and linked folders too, in torchvision
+    ImageFolder's order (os.walk with followlinks, sorted)."""
+    found = []
+    for where, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        found += [Path(where) / n for n in sorted(names) if Path(n).suffix.lower() in EXTENSIONS]
+    return found
+
 
 def _scan(split_dir, classes=None):
     """(paths, labels) of a split folder; classes None: this is train/, and its sorted sub-folders are the classes."""
@@ -36,44 +54,112 @@ def _scan(split_dir, classes=None):
     paths, labels = [], []
     for c, name in enumerate(classes):
         d = split_dir / name
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS) if d.is_dir() else []
+        files = _images_under(d) if d.is_dir() else []
         paths += [str(p) for p in files]
         labels += [c] * len(files)
     return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _list_text(path):
+    """A list file's text, or one line saying why it cannot be one."""
+    if path.is_dir():
+        raise UserError(f"list file {path} is a directory; name the list file in it")
+    if not path.is_file():
+        raise UserError(f"list file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"list file {path} cannot be read: {type(e).__name__}: {e.strerror}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line} is not UTF-8 text (byte {raw[e.start]:#04x}); save the list file as UTF-8")
+
+
+def _integer(value):
+    """An integer label: a JSON integer, or a string of ASCII digits with at most one leading minus; else None."""
+    if isinstance(value, str):
+        return int(value) if re.fullmatch(r"-?[0-9]+", value) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _json_pairs(path, text):
+    """(file_name, label) pairs of an iNaturalist-2018 JSON: images with id and file_name, annotations with
+    image_id and category_id."""
+    try:
+        tree = json.loads(text)
+        files = {im["id"]: im["file_name"] for im in tree["images"]}
+        notes = [(a["image_id"], a["category_id"]) for a in tree["annotations"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not an iNaturalist-style JSON (images, annotations): {type(e).__name__}: {e}")
+    pairs = []
+    for i, (image, label) in enumerate(notes):
+        where = f"{path} annotation {i} (image_id {image!r})"
+        if _integer(label) is None:
+            raise UserError(f"{where}: category_id {label!r} is not an integer")
+        if image not in files or not isinstance(files[image], str):
+            raise UserError(f"{where}: no image with that id and a file_name string")
+        pairs.append((files[image], _integer(label)))
+    return pairs
 
 
 def read_list(path, root):
     """(paths, labels) of a list file: 'relative/path label' lines (ImageNet-LT's), or an iNaturalist-2018 JSON
     (images with id and file_name, annotations with image_id and category_id). Paths resolve against root."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"list file not found: {path}")
-    text = path.read_text()
+    text = _list_text(path)
     if path.suffix == ".json":
-        try:
-            tree = json.loads(text)
-            files = {im["id"]: im["file_name"] for im in tree["images"]}
-            pairs = [(files[a["image_id"]], a["category_id"]) for a in tree["annotations"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is not an iNaturalist-style JSON (images, annotations): {type(e).__name__}: {e}")
+        pairs = _json_pairs(path, text)
     else:
         pairs = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 parts = line.rsplit(maxsplit=1)
-                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                    raise UserError(f"{path} line {n}: expected 'relative/path label', got {line.strip()!r}")
-                pairs.append((parts[0], parts[1]))
+                label = _integer(parts[-1]) if len(parts) == 2 else None
+                if label is None:
+                    raise UserError(f"{path} line {n}: expected 'relative/path label' with an integer label, "
+                                    f"got {line.strip()!r}")
+                pairs.append((parts[0], label))
     paths = [str(Path(root) / p) for p, _ in pairs]
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"{path} lists {p}, which does not exist")
-    return paths, np.asarray([int(c) for _, c in pairs], dtype=np.int64)
+    check_files(paths, lambda p, problem: f"{path} lists {p}, which {problem}")
+    return paths, np.asarray([c for _, c in pairs], dtype=np.int64)
+
+
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")  # JPEG PNG GIF BMP TIFF
+
+
+def _file_problem(path):
+    """Why path cannot be an image to decode, without decoding it (a stat and its first 16 bytes), or None."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return "is a broken link" if os.path.islink(path) else "does not exist"
+    except OSError as e:
+        return f"cannot be read: {type(e).__name__}: {e.strerror}"
+    if head.startswith(SIGNATURES) or head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return None
+    apple = "; a macOS ._ companion file (resource fork), not an image" if Path(path).name.startswith("._") else ""
+    return f"is not a JPEG, PNG, GIF, BMP, TIFF or WebP image (it starts {head[:8]!r}{apple})"
+
+
+def check_files(paths, say):
+    """At start-up, not when an epoch first reads it: every file exists, is a regular readable file and starts as an
+    image does. The first that does not is one line, say(path, problem). Threads: it is waiting on the disk."""
+    with ThreadPoolExecutor(16) as pool:
+        for i in range(0, len(paths), 4096):
+            for p, problem in zip(paths[i:i + 4096], pool.map(_file_problem, paths[i:i + 4096])):
+                if problem:
+                    raise UserError(say(p, problem))
 
 
 def hold_out_validation(labels, per_class, seed):
     """Indices (train, val): per class, min(per_class, half its images) drawn for validation, seeded. Unlike
-    la.data.carve_validation (CIFAR's, from the images its subset left out), a folder is long-tailed already:
+    la.data.cifar.carve_validation (CIFAR's, from the images its subset left out), a folder is long-tailed already:
     the validation images come out of its own training list."""
     rng = np.random.RandomState(seed + 1_000_003)
     val = []
@@ -85,9 +171,11 @@ def hold_out_validation(labels, per_class, seed):
 
 
 def _hash(paths, labels):
+    """Of the (path, label) pairs. A name that is not UTF-8 on disk (from a zip archive, say) reaches Python
+    surrogate-escaped; surrogateescape hashes its original bytes, and a UTF-8 name as plain encode() did."""
     h = hashlib.sha256()
     for p, y in zip(paths, labels):
-        h.update(f"{p}\t{y}\n".encode())
+        h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -101,6 +189,12 @@ def _read_splits(dc):
         out = {"train": train, "test": _scan(root / "test", classes)[1:]}
         if (root / "val").is_dir():
             out["val"] = _scan(root / "val", classes)[1:]
+        for split, (paths, _) in out.items():
+            if split != "train" and not paths:  # train's own line is prepare's
+                raise UserError(f"{root / split}/ holds no images (.jpg, .jpeg, .png) in its class folders"
+                                + ("; put the validation images there, or remove val/ to carve data.val_per_class "
+                                   "per class from train/" if split == "val" else ""))
+            check_files(paths, lambda p, problem: f"image file {p} {problem}")
         return out, classes
     lists = {"train": dc.train_list, "val": dc.val_list, "test": dc.test_list}
     for split in ("train", "test"):
@@ -109,6 +203,10 @@ def _read_splits(dc):
     out = {s: read_list(Path(root) / f if not Path(f).is_absolute() else f, root) for s, f in lists.items() if f}
     n = int(out["train"][1].max()) + 1 if len(out["train"][1]) else 0
     for split, (_, y) in out.items():
+        if split != "train" and not len(y):
+            raise UserError(f"data.{split}_list {lists[split]} lists no images"
+                            + ("; to carve a validation split from training instead, leave data.val_list empty"
+                               if split == "val" else ""))
         bad = y[(y < 0) | (y >= n)]
         if len(bad):
             raise UserError(f"data.{split}_list has label {bad[0]}, outside the training labels 0..{n - 1}")
@@ -116,9 +214,7 @@ def _read_splits(dc):
 
 
 def prepare(dc):
-    """la.data.Splits of a folder or list dataset: ImageList 'arrays', training counts, manifest."""
-    from la.data import Splits
-
+    """Splits of a folder or list dataset: ImageList 'arrays', training counts, manifest."""
     parts, classes = _read_splits(dc)
     paths, labels = parts["train"]
     if not len(labels):
@@ -148,12 +244,27 @@ def prepare(dc):
 
 # ---------------------------------------------------------------- decoding and augmentation
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale PNGs open as one of these
+
+
+def to_rgb(im):
+    """8-bit RGB of a decoded image. 16-bit grayscale keeps its high byte (v >> 8), as Pillow reads 16-bit RGB PNGs;
+    convert("RGB") alone clips it at 255 (white). Everything else is convert("RGB"): grayscale and 1-bit repeat
+    into three channels, a palette expands to its colours, RGBA and LA drop alpha, CMYK and YCbCr are converted."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT:
+        high = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(high, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode(path):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception as e:
         raise UserError(f"unreadable image {path}: {type(e).__name__}: {e}")
 
@@ -213,7 +324,7 @@ def one_line(e):
 
 
 class ImageList:
-    """A split of image files standing where CIFAR's uint8 array stands in la.data.Splits: len, slicing (for the
+    """A split of image files standing where CIFAR's uint8 array stands in Splits: len, slicing (for the
     evaluation shards of la.engine.evaluate) and batches of decoded, centre-cropped uint8 images."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
@@ -237,20 +348,21 @@ class ImageList:
             raise UserError(one_line(e))
 
 
-class FolderLoader(_Planned):
-    """Training batches of an ImageList through DataLoader workers, on la.data's epoch plan (the same permutation
-    and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
+class FolderLoader(Planned):
+    """Training batches of an ImageList through DataLoader workers, on la.data.batches's epoch plan (the same
+    permutation and rank shards as the tensor loader); each image's augmentation is keyed to (seed, epoch, global index), so
     neither the worker count nor a mid-epoch resume changes a batch."""
 
-    def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2):
+    def __init__(self, images, batch_size, rank, world_size, seed, device, channels_last, augment=True, workers=2,
+                 normalize="mean_std", drop_last=False):
         self.n, self.batch_size, self.rank, self.world_size, self.seed = len(images), batch_size, rank, world_size, seed
-        self.device, self.augment, self.drop_last = device, augment, False
+        self.device, self.augment, self.drop_last = device, augment, drop_last
         self.sampler = PlanSampler()
         cuda = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             _Images(images.paths, images.labels, images.size, seed), batch_size=batch_size // world_size,
             sampler=self.sampler, num_workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
-        self.normalize = Normalize(device, channels_last, mean=images.mean, std=images.std)
+        self.normalize = Normalize(device, channels_last, normalize, mean=images.mean, std=images.std)
 
     def batches(self, epoch, start_step=0):
         plan = self.plan(epoch)[start_step:]
@@ -263,3 +375,10 @@ class FolderLoader(_Planned):
                 yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device)
         except UserError as e:
             raise UserError(one_line(e))
+
+
+def make_loader(cfg, splits, ctx):
+    """This rank's training batches of a folder or list dataset, on ctx's device."""
+    dc, tc = cfg.data, cfg.train
+    return FolderLoader(splits.train_x, tc.batch_size, ctx.rank, ctx.world_size, tc.seed, ctx.device,
+                        tc.channels_last, dc.augment, dc.workers, dc.normalize, dc.drop_last)
