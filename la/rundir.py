@@ -71,6 +71,19 @@ def own(run_dir):
     os.replace(tmp, run_dir / OWNER)
 
 
+def _forget_in_child():
+    """A forked child (a DataLoader worker) shares the lock's open file, and an flock lasts while any descriptor
+    of it is open: killed with SIGKILL, the trainer would leave the run locked until its workers noticed and
+    exited, seconds later, and an immediate --resume or torchrun restart would be refused naming a dead pid. So a
+    child closes its copies at once (close, not LOCK_UN, which would drop the parent's lock too) and owns nothing."""
+    for fd, _ in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def release():
     """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless). A run
     directory this process created and left empty (a start that failed before writing anything) goes too, with

@@ -4,10 +4,15 @@ import errno
 import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from la import UserError, rundir
+
+from conftest import REPO
 
 
 @pytest.fixture
@@ -80,3 +85,25 @@ def test_a_failed_fresh_start_leaves_no_empty_run_directory(tmp_path):
     (tmp_path / "runs" / "notes.txt").write_text("a sibling written meanwhile\n")
     rundir.release()
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["notes.txt"]
+
+
+def test_the_lock_goes_with_a_killed_trainer_though_its_forked_children_live_on(tmp_path):
+    # a trainer SIGKILLed while its DataLoader workers (forked children) still run: the run is free at once
+    script = ("import os, sys, time\nfrom pathlib import Path\nfrom la import rundir\n"
+              "rundir.own(Path(sys.argv[1]))\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+              "print(pid, flush=True)\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    trainer = subprocess.Popen([sys.executable, "-c", script, tmp_path / "run"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, text=True)
+    child = int(trainer.stdout.readline())
+    try:
+        assert rundir.holder(tmp_path / "run").startswith(f"pid {trainer.pid} ")
+        trainer.kill()
+        trainer.wait()
+        os.kill(child, 0)  # the worker outlives its parent
+        assert rundir.holder(tmp_path / "run") is None
+        rundir.own(tmp_path / "run")
+    finally:
+        rundir.release()
+        os.kill(child, signal.SIGKILL)
+        trainer.stdout.close()
