@@ -21,6 +21,7 @@ def restarted(monkeypatch):
     for k, v in {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "1",
                  "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(rundir, "_agents", None, raising=False)  # torchrun_job() gathers once per process
     yield
     rundir.release()
 
@@ -51,6 +52,27 @@ def test_a_restart_continues_or_restarts_its_own_jobs_run(tmp_path, restarted):
     _run(tmp_path / "early", rundir.torchrun_job(), checkpoint=False)  # killed before the first save
     resume, replaced, note = rundir.claim(tmp_path / "early", False, False, is_main=True)
     assert (resume, sorted(replaced)) == (False, ["metrics.jsonl", "provenance.json"]) and "starts afresh" in note
+
+
+def test_a_multi_node_restart_under_the_default_rdzv_id_adopts_only_its_own_jobs_run(tmp_path, restarted,
+                                                                                        monkeypatch):
+    # torchrun's default --rdzv-id is 'none' for every job: a new job's restart must not take an old job's run
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    real = os.getppid()
+    monkeypatch.setattr(os, "getppid", os.getpid)  # another job: another torchrun agent
+    other = rundir.torchrun_job()
+    monkeypatch.setattr(rundir, "_agents", None, raising=False)
+    monkeypatch.setattr(os, "getppid", lambda: real)
+    for name in ("old", "early"):
+        before = _run(tmp_path / name, other, checkpoint=name == "old")
+        with pytest.raises(UserError, match="already holds a run"):
+            rundir.claim(tmp_path / name, False, False, is_main=True)
+        rundir.release()
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
+    # its own job's run is continued, whichever node's agent is found in the job's record (rank 0 may move)
+    _run(tmp_path / "ours", ["otherhost:4242:17", *rundir.torchrun_job()])
+    assert rundir.claim(tmp_path / "ours", False, False, is_main=True)[:2] == (True, [])
 
 
 def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
