@@ -243,14 +243,16 @@ def check_world_size(cfg, n_train, then, now):
     """None when a run trained at world size `then` may resume at `now`, else refused (UserError); a note (str) when
     it may but something must be said. Batch norm normalises each process's batch, so another world size is
     another run, unless model.bn_batch cuts every batch of the epoch into the same groups of images either way
-    (each process's share into models.group_sizes) and the epoch keeps its batches."""
+    (each process's share into models.group_sizes) and the epoch keeps its batches (with data.drop_last, the
+    short last batch is dropped at every world size alike)."""
     if then is None:
         return (f"note: the checkpoint does not record its world size (written before it was kept, and no "
                 f"provenance.json says); resuming at {now}, which must be the one it trained at to continue the same run")
     if then == now:
         return None
     tc, g = cfg.train, cfg.model.bn_batch
-    sizes = {w: [len(b) for b in data.epoch_plan(n_train, tc.batch_size, w, tc.seed, 0)] for w in (then, now)}
+    sizes = {w: [len(b) for b in data.epoch_plan(n_train, tc.batch_size, w, tc.seed, 0, cfg.data.drop_last)]
+             for w in (then, now)}
     groups = lambda w: [models.group_sizes(b // w, g) * w for b in sizes[w]]
     if sizes[then] != sizes[now]:
         why = f"an epoch's batches change ({len(sizes[then])} steps, last of {sizes[then][-1]} images; now " \

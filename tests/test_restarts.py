@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from la import UserError, rundir
+from la import UserError, config, rundir
 
 from conftest import REPO
 
@@ -129,3 +129,14 @@ def test_the_lock_goes_with_a_killed_trainer_though_its_forked_children_live_on(
         rundir.release()
         os.kill(child, signal.SIGKILL)
         trainer.stdout.close()
+
+
+def test_a_world_size_change_at_resume_counts_the_batches_drop_last_keeps():
+    # with data.drop_last the short last batch is dropped at any world size: 12289 images are 96 batches of 128
+    # in one process and in eight, so groups of 16 continue the same run
+    cfg = config.build()
+    cfg.model.bn_batch, cfg.data.drop_last = 16, True
+    assert "world size 1 -> 8: batch norm over groups of 16 sees the same" in rundir.check_world_size(cfg, 12289, 1, 8)
+    cfg.data.drop_last = False  # kept, the 1-image batch would be cut away under 8 processes
+    with pytest.raises(UserError, match=r"an epoch's batches change \(97 steps"):
+        rundir.check_world_size(cfg, 12289, 1, 8)
