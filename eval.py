@@ -116,13 +116,18 @@ def read_cache(cache):
 def load_logits(run_dir, ckpt_path, args, ctx):
     """The logits cache entry for this checkpoint: {"splits": {split: (logits, labels)} for val and test,
     "class_counts", "config", "checkpoint_sha256", "checkpoint_state", "computed_with"}; from the cache when it
-    belongs to this checkpoint, or when the run kept no checkpoint (then it is all there is)."""
+    belongs to this checkpoint and to the data asked for (other_data), or when the run kept no checkpoint (then it
+    is all there is). features.pt follows: it is rewritten whenever the logits are computed."""
     cache = run_dir / "logits.pt"
     cached, sha = read_cache(cache), ckpt_path and checkpoint.file_sha256(ckpt_path)
     if ckpt_path is None and (cached is None or "checkpoint_state" not in cached):
         why = "is unreadable" if cached is None else "does not say how far the run got"
         raise UserError(f"{run_dir} holds no checkpoint.pt, and its logits.pt {why}")
-    if cached is not None and (ckpt_path is None or cached.get("checkpoint_sha256") == sha):
+    elsewhere = cached is not None and other_data(cached, args)
+    if ckpt_path is None and elsewhere and args.data_root and "data_root" in cached:
+        raise UserError(f"{run_dir} holds no checkpoint.pt, only logits computed from the data under "
+                        f"{cached['data_root']}, so it cannot be evaluated on --data-root {args.data_root}")
+    if cached is not None and (ckpt_path is None or (cached.get("checkpoint_sha256") == sha and not elsewhere)):
         check_prior(cached["class_counts"], run_dir, args)
         if "checkpoint_state" not in cached:  # a cache from before the state was kept (left as it is)
             cached["checkpoint_state"] = checkpoint.progress(checkpoint.load(ckpt_path))
@@ -130,10 +135,25 @@ def load_logits(run_dir, ckpt_path, args, ctx):
     ckpt, prec, out = run_checkpoint(ckpt_path, run_dir, args, ctx)
     entry = {"checkpoint_sha256": sha, "splits": {k: (v[0], v[2]) for k, v in out.items()},
              "class_counts": ckpt["class_counts"], "config": ckpt["config"],
-             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec)}
+             "checkpoint_state": checkpoint.progress(ckpt), "computed_with": provenance.collect(ctx.device, prec),
+             "data_root": data_root(ckpt["config"], args)}
     checkpoint.save_atomic(entry, cache)
     save_features(run_dir, ckpt, sha, out, entry["computed_with"])
     return entry
+
+
+def data_root(config_dict, args):
+    """The data a run's logits are computed from now (config.data_root's rule), as an absolute path."""
+    return str(Path(config.data_root(args.data_root, config_dict.get("data", {}).get("root", "./data"))).resolve())
+
+
+def other_data(cached, args):
+    """Whether a logits cache was computed from other data than the data asked for now: another data root (a
+    copy under another path counts as other: it is recomputed, and checked against the checkpoint's split). A
+    cache from before the root was kept is taken as the run's own data unless --data-root is given."""
+    if "data_root" not in cached:
+        return args.data_root is not None
+    return cached["data_root"] != data_root(cached.get("config", {}), args)
 
 
 def run_checkpoint(ckpt_path, run_dir, args, ctx):

@@ -53,13 +53,13 @@ def cache_file():
     return Path(root) / "autotune.json"
 
 
-def cache_key(model_cfg, per_rank_batch, channels_last, world_size, compile_mode="default", task=""):
-    """Everything a step's time depends on: machine, torch, threads, processes, network, batch, memory format,
-    torch.compile's mode, and task (the number of classes and the loss: a cosine head and LDAM's margins are
-    another step)."""
+def cache_key(model_cfg, per_rank_batch, channels_last, world_size, compile_mode="default", task="", image_size=32):
+    """Everything a step's time depends on: machine, torch, threads, processes, network, batch, image size (a
+    224 px step is some fifty 32 px ones), memory format, torch.compile's mode, and task (the number of classes
+    and the loss: a cosine head and LDAM's margins are another step)."""
     return " | ".join([hardware.cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
                        f"{world_size} process(es)", model_cfg.name, f"bn_batch {model_cfg.bn_batch}",
-                       f"batch {per_rank_batch}", "channels_last" if channels_last else "nchw",
+                       f"batch {per_rank_batch}", f"{image_size} px", "channels_last" if channels_last else "nchw",
                        f"compile_mode {compile_mode}"] + ([task] if task else []))
 
 
@@ -139,13 +139,13 @@ def _main_cache(key, ctx):
     return {k: float(v) for k, v in zip(KEYS, t) if v >= 0}
 
 
-def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, timer=None, task=""):
+def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, timer=None, task="", image_size=32):
     """(Runtime of this run, the model compiled if it trains compiled, else None).
 
     tc: the config's train section; probe: a Probe; compile_model: () -> the compiled model; steps_left:
     training steps this process will take; saved: the Runtime dict of a checkpoint being resumed;
     timer: (precision, compiled model or None) -> seconds per step, in place of the probe (tests plant timings);
-    task: the classes and loss, for the cache key.
+    task: the classes and loss, and image_size: the training images' side in pixels, for the cache key.
     """
     # a cuda_graph=true that cannot work is refused before anything is measured
     resolve_cuda_graph(tc.cuda_graph, ctx.device, ctx.world_size, resolve_compile(tc.compile, ctx.device))
@@ -162,7 +162,8 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
                        resolve_compile(tc.compile, ctx.device), why, {}, compile_model)
 
     measure = timer or probe.seconds_per_step
-    key = cache_key(model_cfg, tc.batch_size // ctx.world_size, tc.channels_last, ctx.world_size, tc.compile_mode, task)
+    key = cache_key(model_cfg, tc.batch_size // ctx.world_size, tc.channels_last, ctx.world_size, tc.compile_mode, task,
+                    image_size)
     timings, measured, why = _main_cache(key, ctx), [], {}
 
     def get(name, prec, model=None):  # seconds per step, from the cache or measured now (on every rank)

@@ -124,7 +124,9 @@ def training(cfg, ctx, counts, loader, ckpt=None):
     probe = autotune.Probe(net, raw, opt, lambda: next(loader.batches(0)), step_for)
     steps_left = (tc.epochs - start[0]) * steps_per_epoch - start[1]
     task = f"{len(counts)} classes, loss {config.method_name(cfg.loss)}"
-    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved, task=task)
+    px = cfg.data.image_size if cfg.data.dataset in ("folder", "list") else 32  # CIFAR is 32 px whatever it says
+    rt, compiled_net = autotune.choose(tc, cfg.model, ctx, probe, lambda: compiled(net, tc), steps_left, saved, task=task,
+                                       image_size=px)
     net = net if compiled_net is None else compiled_net
     return Training(net, raw, criterion, opt, sched, rt, engine.make_train_step(net, criterion, opt, rt, tc.batch_size))
 

@@ -66,13 +66,20 @@ def wilson_ci95(k, n):
 
 
 def balanced_se(correct, count):
-    """Standard error of balanced accuracy (a fraction): each class a binomial, var = sum_c p_c (1 - p_c) / n_c / C^2."""
-    var = sum((k / n) * (1 - k / n) / n for k, n in zip(correct, count))
+    """Standard error of balanced accuracy (a fraction), each class a binomial with Agresti and Coull's adjustment
+    (z^2 / 2, about two, images added both right and wrong): var = sum_c p~_c (1 - p~_c) / n~_c / C^2 with
+    n~_c = n_c + z^2 and p~_c = (k_c + z^2 / 2) / n~_c. A class at 0 or 100 % (a tail class of few test images)
+    keeps its uncertainty, where the plain p_c (1 - p_c) gives it none: classes all at 0 or 100 % gave an
+    interval of zero width. Classes of many images are as before (1,000 per class: the interval moves by under
+    0.001 points)."""
+    z2 = Z95 ** 2
+    var = sum((k + z2 / 2) * (n - k + z2 / 2) / (n + z2) ** 3 for k, n in zip(correct, count))
     return math.sqrt(var) / len(count)
 
 
 def balanced_ci95(correct, count):
-    """Normal 95 % interval of balanced accuracy from the per-class binomials, in percent, clipped to [0, 100]."""
+    """95 % interval of balanced accuracy, in percent: the measured balanced accuracy +- z balanced_se (whose
+    per-class terms stay honest at 0 and 100 %), clipped to [0, 100]."""
     acc = sum(k / n for k, n in zip(correct, count)) / len(count)
     half = Z95 * balanced_se(correct, count)
     return [100 * max(0.0, acc - half), 100 * min(1.0, acc + half)]

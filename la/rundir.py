@@ -71,6 +71,19 @@ def own(run_dir):
     os.replace(tmp, run_dir / OWNER)
 
 
+def _forget_in_child():
+    """A forked child (a DataLoader worker) shares the lock's open file, and an flock lasts while any descriptor
+    of it is open: killed with SIGKILL, the trainer would leave the run locked until its workers noticed and
+    exited, seconds later, and an immediate --resume or torchrun restart would be refused naming a dead pid. So a
+    child closes its copies at once (close, not LOCK_UN, which would drop the parent's lock too) and owns nothing."""
+    for fd, _ in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def release():
     """Give up the runs this process owns (its owner record goes; a killed process's stale one is harmless). A run
     directory this process created and left empty (a start that failed before writing anything) goes too, with
@@ -115,7 +128,9 @@ def holder(run_dir):
 def claim(run_dir, resume, overwrite, is_main):
     """Own the run (rank 0) and decide how it starts: (resume?, files to replace, a note for the start-up line).
     A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) continues its run from the last checkpoint,
-    or starts it afresh when the first attempt died before saving one: the run directory is its own job's."""
+    or starts it afresh when the first attempt died before saving one: the run directory is its own job's.
+    Every rank calls it, first thing after the rendezvous (torchrun_job() gathers from all ranks)."""
+    job = torchrun_job()
     if resume and not run_dir.is_dir():
         check_start(run_dir, resume, overwrite)  # refuses: there is nothing to own, and nothing is created
     if is_main:
@@ -124,19 +139,56 @@ def claim(run_dir, resume, overwrite, is_main):
     if restart and not resume:
         # the run is this job's only if its provenance says so; else the first attempt stopped before starting
         # it, perhaps refusing a run already there, and the restart checks the same way again
-        ours = started_by(run_dir) == torchrun_job()
+        ours = same_job(started_by(run_dir), job)
         resume, overwrite = ours and (run_dir / "checkpoint.pt").is_file(), overwrite or ours
         note = (f"torchrun restart {restart}: " + ("continuing from the last checkpoint" if resume else
                                                    "no checkpoint saved yet, so the run starts afresh"))
     return resume, check_start(run_dir, resume, overwrite), note
 
 
+_agents = None  # the torchrun agents of this process's job, gathered once: a process never changes job
+
+
 def torchrun_job():
-    """The torchrun job this worker belongs to, the same in its restarted workers and on every node (None outside
-    torchrun): the rendezvous run id, with the local agent's pid where it is the default 'none' on one node."""
+    """The torchrun job this worker belongs to, as provenance.json records it (None outside torchrun): the
+    rendezvous run id (--rdzv-id, which torchrun requires to be unique per job), or, under its default 'none'
+    (the same for every job), the sorted list of the job's torchrun agents, one per node (agent()).
+
+    Why the agents: an agent serves one job all its life and outlives its workers' restarts, so a restarted
+    worker finds its own node's agent in the list its job recorded, and a new job (new agents) never does.
+    All the nodes' agents, not only rank 0's, because a restart's rendezvous may put rank 0 on another node.
+    Not MASTER_ADDR:MASTER_PORT (the rendezvous endpoint, reused by the next job given the same one), nor a
+    nonce drawn by the first attempt (a restart could not prove it was drawn by its own job).
+    The first call gathers from every rank (a collective where the process group is up): claim() makes it."""
+    global _agents
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    single_node = os.environ.get("WORLD_SIZE") == os.environ.get("LOCAL_WORLD_SIZE")
-    return None if run_id is None else f"{run_id}:{os.getppid()}" if run_id == "none" and single_node else run_id
+    if run_id != "none":
+        return run_id
+    if _agents is None:
+        mine = agent()
+        everyone = [mine] * (dist.get_world_size() if dist.is_initialized() else 1)
+        if dist.is_initialized():
+            dist.all_gather_object(everyone, mine)
+        _agents = sorted(set(everyone))
+    return _agents
+
+
+def agent():
+    """This worker's torchrun agent (its parent process), unique on the machine until it reboots: host, pid and
+    the process's start time (clock ticks since boot, /proc/PID/stat's 22nd field), so a reused pid is another."""
+    pid = os.getppid()
+    try:
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    return f"{socket.gethostname()}:{pid}:{started}"
+
+
+def same_job(recorded, job):
+    """Whether a run recorded as started by job `recorded` (started_by) was started by `job` (torchrun_job)."""
+    if isinstance(job, list):  # the default run id: an agent in common
+        return isinstance(recorded, list) and bool({str(a) for a in recorded} & set(job))
+    return job is not None and recorded == job
 
 
 def started_by(run_dir):
@@ -191,14 +243,16 @@ def check_world_size(cfg, n_train, then, now):
     """None when a run trained at world size `then` may resume at `now`, else refused (UserError); a note (str) when
     it may but something must be said. Batch norm normalises each process's batch, so another world size is
     another run, unless model.bn_batch cuts every batch of the epoch into the same groups of images either way
-    (each process's share into models.group_sizes) and the epoch keeps its batches."""
+    (each process's share into models.group_sizes) and the epoch keeps its batches (with data.drop_last, the
+    short last batch is dropped at every world size alike)."""
     if then is None:
         return (f"note: the checkpoint does not record its world size (written before it was kept, and no "
                 f"provenance.json says); resuming at {now}, which must be the one it trained at to continue the same run")
     if then == now:
         return None
     tc, g = cfg.train, cfg.model.bn_batch
-    sizes = {w: [len(b) for b in data.epoch_plan(n_train, tc.batch_size, w, tc.seed, 0)] for w in (then, now)}
+    sizes = {w: [len(b) for b in data.epoch_plan(n_train, tc.batch_size, w, tc.seed, 0, cfg.data.drop_last)]
+             for w in (then, now)}
     groups = lambda w: [models.group_sizes(b // w, g) * w for b in sizes[w]]
     if sizes[then] != sizes[now]:
         why = f"an epoch's batches change ({len(sizes[then])} steps, last of {sizes[then][-1]} images; now " \

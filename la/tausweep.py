@@ -62,14 +62,18 @@ def balanced(values, labels, num_classes):
 
 
 def gain_se(hit_a, hit_b, labels, num_classes):
-    """Standard error of balanced accuracy's difference a - b measured on the same images (a fraction): each
-    class contributes the variance of its per-image differences over its n_c, as in metrics.balanced_se."""
-    d = (hit_a.double() - hit_b.double())[None]
-    mean, sq = class_means(d, labels, num_classes)[0], class_means(d * d, labels, num_classes)[0]
+    """Standard error of balanced accuracy's difference a - b measured on the same images (a fraction). Each class
+    is a paired 2 x 2 table with Agresti and Min's (2005) adjustment, half an image added to each cell: with b~ and
+    c~ the images only a, or only b, gets right (+ 0.5) and n~ = n_c + 2, var_c = (b~ + c~ - (b~ - c~)^2 / n~) /
+    n~^2; var = sum_c var_c / C^2. A class where a and b agree on every image keeps some uncertainty, where the
+    plain per-image variance gives it none (as metrics.balanced_se's classes at 0 or 100 %)."""
+    d = hit_a.long() - hit_b.long()
     counts = torch.bincount(labels, minlength=num_classes).double()
-    present = counts > 0
-    var = ((sq - mean ** 2)[present] / counts[present]).sum()
-    return math.sqrt(max(float(var), 0.0)) / int(present.sum())
+    b = torch.bincount(labels[d > 0], minlength=num_classes).double() + 0.5
+    c = torch.bincount(labels[d < 0], minlength=num_classes).double() + 0.5
+    n, present = counts + 2, counts > 0
+    var = ((b + c - (b - c) ** 2 / n) / n ** 2)[present].sum()
+    return math.sqrt(float(var)) / int(present.sum())
 
 
 def _best(taus, scores, default=1.0):

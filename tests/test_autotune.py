@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from la import autotune, config, hardware
+from la import autotune, build, config, hardware
 
 CPU = SimpleNamespace(device=torch.device("cpu"), world_size=1, distributed=False, is_main=True, rank=0)
 
@@ -77,6 +77,24 @@ def test_timings_are_cached_per_machine_and_model(machine):
     key = lambda **kw: autotune.cache_key(config.Model(), 32, True, 1, **{"compile_mode": "default", "task": "10 classes, loss ce", **kw})
     # another compile mode, number of classes or loss is another step to time
     assert len({key(), key(compile_mode="max-autotune"), key(task="100 classes, loss ce"), key(task="10 classes, loss ldam")}) == 4
+
+
+def test_a_folder_runs_image_size_is_another_step_to_time(machine):
+    # 32 px and 224 px folder runs of one model and batch must not share timings; CIFAR is 32 px
+    # whatever data.image_size says
+    keys = []
+    for dataset, size in (("folder", 32), ("folder", 224), ("cifar10", 224)):
+        cfg = config.build(overrides=[("data.dataset", dataset), ("data.image_size", size)])
+        seen = []
+        def choose(tc, model_cfg, ctx, *a, image_size=32, **k):
+            seen.append(autotune.cache_key(model_cfg, 32, True, 1, image_size=image_size))
+            raise StopIteration
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(autotune, "choose", choose)
+            with pytest.raises(StopIteration):
+                build.training(cfg, CPU, [10, 1], SimpleNamespace(steps=lambda epoch: 1))
+        keys += seen
+    assert keys[0] != keys[1] and keys[0] == keys[2] and "224 px" in keys[1]
 
 
 def plant(cache_dir, fp32, bf16):

@@ -116,11 +116,19 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     cwd, _, _ = two_runs
     run_dir = tmp_path / "copy"
     shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_ce_s0", run_dir)
-    run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
+    data = tmp_path / "data"
+    shutil.copytree(fake_root, data)
+    run([REPO / "eval.py", run_dir, "--data-root", data], cwd)
     assert (run_dir / "logits.pt").is_file()
-    # cached: a second evaluation and a tau sweep need neither the model nor the data
-    sweep = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    # cached: a second evaluation and a tau sweep of the same data need neither the model nor the data
+    data.rename(tmp_path / "moved")
+    sweep = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", data], cwd)
     assert "tau chosen on validation" in sweep.stdout and "ORACLE" in sweep.stdout
+    # the cache is keyed on the data too: another --data-root computes the logits from it again
+    stale = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
+    assert stale.returncode != 0 and "not found" in stale.stderr
+    run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", tmp_path / "moved"], cwd)
+    assert torch.load(run_dir / "logits.pt", weights_only=True)["data_root"] == str(tmp_path / "moved")
     assert (run_dir / "tau_sweep.png").stat().st_size > 1000
     report = json.loads((run_dir / "eval.json").read_text())
     assert set(report["tau_sweep"]) >= {"paper_default", "validation_chosen", "oracle_test_tuned"}
@@ -143,12 +151,15 @@ def test_a_run_kept_without_its_checkpoint_is_evaluated_from_its_logits(two_runs
     run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", fake_root], cwd)
     whole = json.loads((run_dir / "eval.json").read_text())
     (run_dir / "checkpoint.pt").unlink()
+    # the logits are all there is: another --data-root cannot be honoured, and says so
+    proc = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"on --data-root {tmp_path / 'nowhere'}")
     before = (run_dir / "eval.json").read_bytes()
-    out = run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    out = run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep"], cwd)
     assert "left unchanged" in out.stdout  # the same numbers: eval.json (and a committed copy of it) is not rewritten
     assert (run_dir / "eval.json").read_bytes() == before
     (run_dir / "eval.json").unlink()  # written afresh, from the logits alone
-    run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep", "--data-root", tmp_path / "nowhere"], cwd)
+    run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep"], cwd)
     alone = json.loads((run_dir / "eval.json").read_text())
     assert alone["checkpoint"] is None and alone["finished"] is True
     for key in ("test", "val", "tau_sweep", "checkpoint_sha256", "epoch"):
@@ -177,11 +188,13 @@ def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
     assert out.index("UNFINISHED") < out.index("test set")  # said above the table
     report = json.loads((run_dir / "eval.json").read_text())
     assert (report["finished"], report["epoch"], report["step"], report["epochs"]) == (False, 1, 3, 2)
-    # a cache written before the state was kept still evaluates (the state is read from the checkpoint)
+    # a cache written before the state (and the data root) was kept still evaluates, from the cache: the state
+    # is read from the checkpoint
     cache = torch.load(run_dir / "logits.pt", weights_only=True)
-    del cache["checkpoint_state"]
+    del cache["checkpoint_state"], cache["data_root"]
     torch.save(cache, run_dir / "logits.pt")
-    again = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd).stdout
+    again = run([REPO / "eval.py", run_dir], cwd).stdout
+    assert "data_root" not in torch.load(run_dir / "logits.pt", weights_only=True)  # not computed again
     assert "epoch 1, step 3 into epoch 2, of 2" in again
 
 

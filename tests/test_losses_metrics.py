@@ -60,16 +60,37 @@ def test_intervals_by_hand():
     assert metrics.wilson_ci95(7, 10) == pytest.approx([39.68, 89.22], abs=0.01)
     lo, hi = metrics.wilson_ci95(0, 20)
     assert lo == 0.0 and hi == pytest.approx(16.11, abs=0.01)  # nothing right still leaves room above 0
-    # balanced accuracy of classes (3/4, 1/2, 0/2): var = (.75 * .25 / 4 + .5 * .5 / 2 + 0) / 3^2
+    # balanced accuracy of classes (3/4, 1/2, 0/2): var = sum_c p~ (1 - p~) / n~ / 3^2, each class with z^2 / 2
+    # images added right and wrong (Agresti-Coull): p~ = (k + z^2 / 2) / (n + z^2)
+    z2 = 1.959964 ** 2
+    adjusted = lambda k, n: (k + z2 / 2) * (n - k + z2 / 2) / (n + z2) ** 3
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1, 1, 0, 0, 1], 3), labels, [500, 50, 5])
-    half = 1.959964 * math.sqrt((0.75 * 0.25 / 4 + 0.25 / 2) / 9)
+    half = 1.959964 * math.sqrt(adjusted(3, 4) + adjusted(1, 2) + adjusted(0, 2)) / 3
     assert m["balanced_acc_ci95"] == pytest.approx([100 * (5 / 12 - half), 100 * (5 / 12 + half)])
     assert m["top1_ci95"] == pytest.approx(metrics.wilson_ci95(4, 8)) and m["images"] == 8
     # a class with no test image is not a class of the balanced mean, nor of its variance; the top is clipped at 100
     m = metrics.evaluate_logits(one_hot_logits([0, 0, 0, 1], 3), labels[:4], [500, 50, 5])
-    half = 1.959964 * math.sqrt(0.75 * 0.25 / 4)
+    half = 1.959964 * math.sqrt(adjusted(3, 4))
     assert m["balanced_acc_ci95"] == pytest.approx([100 * (0.75 - half), 100.0])
+
+
+def test_the_balanced_interval_keeps_its_width_when_every_class_is_at_0_or_100_percent():
+    # 10 of 10 and 0 of 10: 50 %, and not [50, 50]; each class as if about 12 of 14 (and 2 of 14) had been seen
+    lo, hi = metrics.balanced_ci95([10, 0], [10, 10])
+    assert lo == pytest.approx(37.12, abs=0.01) and hi == pytest.approx(62.88, abs=0.01)
+    lo, hi = metrics.balanced_ci95([20, 20, 20], [20, 20, 20])  # all right: still room below 100
+    assert hi == 100.0 and 90 < lo < 99
+    assert metrics.balanced_ci95([0], [20])[1] > 10  # nothing right still leaves room above 0
+    # many images per class: as the plain binomial interval, to a hundredth of a point
+    plain = 1.959964 * math.sqrt(10 * 0.77 * 0.23 / 1000) / 10
+    assert metrics.balanced_ci95([770] * 10, [1000] * 10) == pytest.approx([100 * (0.77 - plain), 100 * (0.77 + plain)],
+                                                                          abs=0.01)
+    # the paired standard error of a gain, the same way: a class where both classifiers agree on every image
+    # still counts, so a gain on one image of a 2-image class is not certain
+    hit_a, hit_b = torch.tensor([True, True, True, False]), torch.tensor([True, True, False, False])
+    se = tausweep.gain_se(hit_a, hit_b, torch.tensor([0, 0, 1, 1]), 2)
+    assert se == pytest.approx(math.sqrt((1 - 0) / 16 + (2 - 1 / 4) / 16) / 2)
 
 
 def test_nll_and_ece_by_hand():
@@ -140,16 +161,18 @@ def test_one_se_rule_keeps_the_default_unless_the_gain_exceeds_its_paired_standa
     lp = losses.log_prior([90, 10])
     gap = float(lp[0] - lp[1])
     # class 1: 4 images right from tau 0.5, 2 more from tau 2, 4 never; class 0: 9 always right, 1 wrong from tau 2.
-    # tau > 2 gains 2/10 on class 1 and loses 1/10 on class 0: balanced gain 0.05, paired SE sqrt(.016 + .009) / 2
+    # tau > 2 gains 2/10 on class 1 and loses 1/10 on class 0: balanced gain 0.05, paired SE (Agresti-Min: half
+    # an image added to each cell) sqrt((3 - 2^2 / 12) / 12^2 + (2 - 1^2 / 12) / 12^2) / 2 = 0.089
     margins = [0.5] * 4 + [2.0] * 2 + [10.0] * 4 + [-10.0] * 9 + [2.0]
     val = margins_split(margins, [1] * 10 + [0] * 10, gap)
     taus = tausweep.parse_grid("0:3:0.05")
     hit, _ = tausweep.per_tau(*val, lp, taus)
     se = tausweep.gain_se(hit[taus.index(2.05)], hit[taus.index(1.0)], val[1], 2)
-    assert se == pytest.approx(math.sqrt(0.016 + 0.009) / 2)
+    assert se == pytest.approx(math.sqrt((3 - 4 / 12) / 144 + (2 - 1 / 12) / 144) / 2)
     picked = choices(val, lp)
-    assert picked["val-acc"] == 2.05 and picked["one-se"] == 1.0  # 0.05 < 0.079: not worth leaving tau = 1
-    # without the class-0 loss the gain is 0.1 against an SE of sqrt(.016) / 2 = 0.063: the rule moves
+    assert picked["val-acc"] == 2.05 and picked["one-se"] == 1.0  # 0.05 < 0.089: not worth leaving tau = 1
+    # without the class-0 loss the gain is 0.1 against an SE of sqrt((3 - 4 / 12) / 144 + 1 / 144) / 2 = 0.080:
+    # the rule moves
     val = margins_split(margins[:-1] + [-10.0], [1] * 10 + [0] * 10, gap)
     assert choices(val, lp)["one-se"] == 2.05
 
