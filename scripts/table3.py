@@ -7,7 +7,7 @@
 Per row: the mean ± sample std over seeds with n, each seed's value, the paper's number (Menon et al., Table 3) and,
 where one exists, the authors' released code's (its README), and the schedule the runs trained under; a row for each
 schedule with a run of it. Then the paired differences that matter, seed by seed within one schedule. Runs are
-results/{paper,cao}_cifar10/cifar10-lt_rho100_{method}_s{seed}/; a seed not committed yet is left out of n, a run
+results/{paper,cao,official}_cifar10/cifar10-lt_rho100_{method}_s{seed}/; a seed not committed yet is left out of n, a run
 that did not finish is left out.
 """
 import argparse
@@ -21,7 +21,8 @@ RESULTS = REPO / "results"
 SEEDS = (0, 1, 2)
 MISSING = "—"
 SCHEDULES = {"paper": ("paper_cifar10", "paper: x0.1 at 160, 180"),
-             "cao": ("cao_cifar10", "Cao et al.: x0.01 at 160, x0.0001 at 180")}
+             "cao": ("cao_cifar10", "Cao et al.: x0.01 at 160, x0.0001 at 180"),
+             "official": ("official_cifar10", "authors' code: 1,241 epochs, x0.1 at 604, 926, 1128")}
 # The tau rule val-nll was chosen with the test labels of these runs (scripts/tau_rules.py: CE s0 and LA s0 the
 # choose half, CE s1 in the report half); a run trained since is its clean test.
 RULE_RUNS = {("paper", "ce", 0): "rule chosen on it", ("paper", "la", 0): "rule chosen on it",

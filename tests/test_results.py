@@ -154,3 +154,19 @@ def test_provenance_table_follows_the_runs_files(tmp_path, monkeypatch):
     assert (row[4], row[5]) == ("2", "2 epochs, 6 s")
     ce = cells(provenance_table.table(), "`paper_cifar10/cifar10-lt_rho100_ce_s0`")
     assert ce[0] == "78c3309, d7290fe" and ce[4] == "1"  # from the notes: the run predates provenance.json
+
+
+def test_a_run_of_the_authors_recipe_gets_its_own_rows_beside_the_authors_codes_numbers(tmp_path, monkeypatch):
+    """results/official_cifar10/ (configs/official_cifar10.yaml) is a schedule of its own, never mixed into the
+    paper schedule's mean, and its rows stand beside the authors' code's README numbers."""
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "paper_cifar10" / "cifar10-lt_rho100_la_s0",
+                    results / "official_cifar10" / "cifar10-lt_rho100_la_s0")
+    rep = json.loads((results / "official_cifar10" / "cifar10-lt_rho100_la_s0" / "eval.json").read_text())
+    rep["test"]["raw"]["top1"] = 77.5
+    (results / "official_cifar10" / "cifar10-lt_rho100_la_s0" / "eval.json").write_text(json.dumps(rep))
+    monkeypatch.setattr(table3, "RESULTS", results)
+    rows = [line for line in table3.results_table().splitlines() if line.startswith("| LA loss, tau = 1 |")]
+    assert len(rows) == 1 and "1,241 epochs" in rows[0]
+    row = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert row[2] == "**77.50 (n = 1)**" and row[-1] == "77.89"
