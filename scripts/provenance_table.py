@@ -4,7 +4,8 @@
     python scripts/provenance_table.py --write   # put it into RESULTS.md, between its provenance markers
     python scripts/provenance_table.py --check   # exit 1 unless RESULTS.md holds exactly this table
 
-A run is a folder under results/ with a metrics.jsonl. Per run: the commit of each start and resume, the hardware,
+A run is a folder under results/ with a metrics.jsonl, except under results/in_progress/ (training state, not yet
+a result). Per run: the commit of each start and resume, the hardware,
 the precision, whether the step was compiled, how many times it was resumed, and the training time (the sum of its
 epochs' seconds in metrics.jsonl, evaluation excluded). Commits, hardware and resumes come from provenance.json,
 precision and compile from runtime.json, else config.yaml; what a run trained before those files existed does not
@@ -68,7 +69,7 @@ def duration(seconds):
 
 
 def runs():
-    return sorted(p.parent for p in RESULTS.rglob("metrics.jsonl"))
+    return sorted(p.parent for p in RESULTS.rglob("metrics.jsonl") if "in_progress" not in p.relative_to(RESULTS).parts)
 
 
 def table():

@@ -154,6 +154,8 @@ def test_provenance_table_follows_the_runs_files(tmp_path, monkeypatch):
     assert (row[4], row[5]) == ("2", "2 epochs, 6 s")
     ce = cells(provenance_table.table(), "`paper_cifar10/cifar10-lt_rho100_ce_s0`")
     assert ce[0] == "78c3309, d7290fe" and ce[4] == "1"  # from the notes: the run predates provenance.json
+    shutil.copytree(la, results / "in_progress" / "paper_cifar10" / la.name)  # training state, not a result
+    assert "in_progress" not in provenance_table.table()
 
 
 def test_a_run_of_the_authors_recipe_gets_its_own_rows_beside_the_authors_codes_numbers(tmp_path, monkeypatch):
