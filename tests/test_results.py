@@ -172,3 +172,32 @@ def test_a_run_of_the_authors_recipe_gets_its_own_rows_beside_the_authors_codes_
     assert len(rows) == 1 and "1,241 epochs" in rows[0]
     row = [c.strip() for c in rows[0].strip("|").split("|")]
     assert row[2] == "**77.50 (n = 1)**" and row[-1] == "77.89"
+
+
+def test_test_curves_read_each_schedules_finished_runs(tmp_path, monkeypatch):
+    """The curves hold every evaluated epoch of a finished run with its schedule's decays, and leave out a run
+    that has not finished; the figure is the same file when drawn twice."""
+    import test_curves
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "paper_cifar10" / "cifar10-lt_rho100_la_s0",
+                    results / "paper_cifar10" / "cifar10-lt_rho100_la_s0")
+    official = results / "official_cifar10"
+    for method, finished in (("la", True), ("ce", False)):
+        run = official / f"cifar10-lt_rho100_{method}_s0"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("optim:\n  milestones: [604, 926, 1128]\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 50, "test_top1": 58.5}) + "\n"
+                                           + json.dumps({"epoch": 51, "train_loss": 0.3}) + "\n"
+                                           + json.dumps({"epoch": 100, "test_top1": 70.69}) + "\n")
+        (run / "eval.json").write_text(json.dumps({"finished": finished}))
+    monkeypatch.setattr(table3, "RESULTS", results)
+    table = test_curves.curves()
+    assert list(table) == ["la"]  # no CE run is finished
+    assert table["la"]["official"] == ([50, 100], [58.5, 70.69], [604, 926, 1128])
+    paper = [json.loads(line) for line in (results / "paper_cifar10" / "cifar10-lt_rho100_la_s0" / "metrics.jsonl")
+             .read_text().splitlines()]
+    assert table["la"]["paper"][1][-1] == paper[-1]["test_top1"]
+    assert table["la"]["paper"][2] == [160, 180]
+    test_curves.plot(table, tmp_path / "a.png")
+    test_curves.plot(table, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
