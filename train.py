@@ -76,16 +76,20 @@ def train(cfg, args, ctx):
         say(f"note: optim.milestones {late} are not before train.epochs={tc.epochs}, so those learning-rate "
             f"decays never happen; to shorten the schedule too, pass --set optim.milestones=[...]")
     partial = ckpt["partial"] if ckpt and ctx.is_main else None  # rank 0 carries the interrupted epoch's sums
-    return train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args)
+    lost = rundir.lost_record(run_dir, ckpt, ctx)  # the training figures of an epoch whose metrics line was lost
+    return train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args, lost)
 
 
-def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
+def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args, lost=None):
     """From start = (epoch, step) to train.epochs: train, evaluate, log a metrics line, checkpoint. Returns the exit
     status: 0, or 128 + the signal that stopped it (after saving where it stopped)."""
     tc, (start_epoch, step) = cfg.train, start
     say = print if ctx.is_main else (lambda *a, **k: None)
-    save = lambda epoch, step, sums: ctx.is_main and rundir.save_checkpoint(run_dir, t, cfg, splits, epoch, step, sums)
+    save = lambda *at: ctx.is_main and rundir.save_checkpoint(run_dir, t, cfg, splits, *at)
     stop = engine.StopFlag()
+    if lost:
+        say(f"epoch {lost['epoch']} has no metrics line (its evaluation did not finish): evaluating it now")
+        log_epoch(lost, cfg, ctx, run_dir, splits, t)
     for epoch in range(start_epoch, tc.epochs):
         t.model.train()
         t.criterion.set_epoch(epoch)
@@ -100,32 +104,37 @@ def train_epochs(cfg, ctx, run_dir, splits, loader, t, start, partial, args):
                             f"({run_dir / 'checkpoint.pt'}) is kept")
         finally:
             bar.close()
-        seconds = time.perf_counter() - t0
-        totals = meter.totals()
+        seconds, totals = time.perf_counter() - t0, meter.totals()
         if stopped and step < loader.steps(epoch):  # on the epoch's last step the epoch is whole: logged and saved so
             save(epoch, step, totals)  # rank 0 carries the whole partial sum
             return stopped_by(stop, epoch, step, args, say)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": float(totals[0] / totals[2]),
-                  "train_acc": 100 * float(totals[1] / totals[2])}
+                  "train_acc": 100 * float(totals[1] / totals[2]), "seconds": seconds,
+                  "img_per_s": (float(totals[2]) - resumed_images) / seconds}
         dist.sync_buffers(t.raw_model)
         if (epoch + 1) % tc.save_every == 0 or epoch + 1 == tc.epochs or stopped:  # before evaluating: kept if it fails
-            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-            t1 = time.perf_counter()
-            record.update(engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size, cfg.data.normalize))
-            record["eval_seconds"] = time.perf_counter() - t1
-        record.update({"seconds": seconds, "img_per_s": (float(totals[2]) - resumed_images) / seconds})
-        if ctx.is_main:
-            rundir.append_metrics(run_dir, record)
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                             if k not in ("epoch", "seconds", "eval_seconds"))
-            say(f"epoch {epoch + 1:3d}/{tc.epochs} {shown}", flush=True)
+            save(epoch + 1, 0, torch.zeros(3, dtype=torch.float64), record)  # with the record, in case its line is lost
+        log_epoch(record, cfg, ctx, run_dir, splits, t)
         if stopped:
             return stopped_by(stop, epoch + 1, 0, args, say)
         dist.barrier()
         step, partial = 0, None
     say(f"done: {run_dir}")
     return 0
+
+
+def log_epoch(record, cfg, ctx, run_dir, splits, t):
+    """Evaluate when the epoch is due, then append its metrics line and print it (rank 0)."""
+    tc, epoch = cfg.train, record["epoch"]
+    if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+        t1 = time.perf_counter()
+        record = {**record, **engine.evaluate_splits(t.raw_model, splits, ctx, t.runtime, tc.eval_batch_size,
+                                                     cfg.data.normalize), "eval_seconds": time.perf_counter() - t1}
+    if ctx.is_main:
+        rundir.append_metrics(run_dir, record)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                         if k not in ("epoch", "seconds", "eval_seconds"))
+        print(f"epoch {epoch:3d}/{tc.epochs} {shown}", flush=True)
 
 
 def stopped_by(stop, epoch, step, args, say):

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -313,15 +314,28 @@ def update_latest(run_dir):
 
 # ---------------------------------------------------------------- during training
 
-def save_checkpoint(run_dir, t, cfg, splits, epoch, step, partial):
+def save_checkpoint(run_dir, t, cfg, splits, epoch, step, partial, record=None):
     """The checkpoint of a la.build.Training at (epoch, step): a plain dict of tensors and plain data (see
-    la.checkpoint), with the epoch's running sums so far (partial) when it stops mid-epoch."""
+    la.checkpoint), with the epoch's running sums so far (partial) when it stops mid-epoch, and at an epoch's end
+    that epoch's training figures (record), its metrics line before evaluation (see lost_record)."""
     checkpoint.save_atomic({
         "model": t.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
         "epoch": epoch, "step": step, "partial": partial, "rng": checkpoint.rng_state(), "runtime": t.runtime.to_dict(),
         "config": config.to_dict(cfg), "class_counts": splits.counts, "split_manifest": splits.manifest,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1, "record": record,
     }, run_dir / "checkpoint.pt")
+
+
+def lost_record(run_dir, ckpt, ctx):
+    """The training figures the checkpoint holds of the epoch it ends, when metrics.jsonl has no line for that
+    epoch (the checkpoint is saved before the evaluation, and a crash or kill during it loses the line); else None.
+    Rank 0 reads the file and every rank gets its answer, since evaluating is collective."""
+    record = ckpt.get("record") if ckpt and not ckpt["step"] else None  # checkpoints before records: nothing to do
+    lost = ctx.is_main and record is not None and all(m["epoch"] != ckpt["epoch"] for m in read_metrics(run_dir))
+    flag = torch.tensor([float(lost)], device=ctx.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    return record if flag.item() else None
 
 
 def read_metrics(run_dir):

@@ -198,6 +198,27 @@ def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
     assert "epoch 1, step 3 into epoch 2, of 2" in again
 
 
+def test_a_resume_writes_the_metrics_line_a_crash_during_evaluation_lost(two_runs, fake_root, tmp_path):
+    """The checkpoint is saved before the evaluation; a kill during the last epoch's evaluation loses its metrics
+    line, and the run would count as unfinished with nothing left to train. --resume evaluates it again."""
+    cwd, _, la = two_runs
+    run_dir = tmp_path / "la"
+    shutil.copytree(cwd / "runs" / "cifar10-lt_rho10_la_s0", run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text(lines[0] + "\n")
+    resume = [REPO / "train.py", "--data-root", fake_root, "--epochs", "2", "--loss", "la", "--out", run_dir,
+              "--resume"] + TINY
+    out = run(resume, cwd).stdout
+    assert "epoch 2 has no metrics line (its evaluation did not finish): evaluating it now" in out
+    again = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert again[0] == lines[0] and json.loads(again[1]).keys() == json.loads(lines[1]).keys()
+    lost, redone = json.loads(lines[1]), json.loads(again[1])
+    del lost["eval_seconds"], redone["eval_seconds"]
+    assert redone == lost  # the training figures from the checkpoint, the evaluation of the same weights
+    assert "no metrics line" not in run(resume, cwd).stdout  # a whole run: nothing to redo, nothing appended
+    assert (run_dir / "metrics.jsonl").read_text().splitlines() == again
+
+
 def test_per_class_chart_of_ce_and_la(two_runs, fake_root, tmp_path):
     cwd, _, _ = two_runs
     png = tmp_path / "per_class.png"
