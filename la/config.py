@@ -26,7 +26,7 @@ class Data:
     val_list: str = ""              # list: optional; without it a validation split is carved from training
     test_list: str = ""
     image_size: int = 224           # folder/list: RandomResizedCrop size in training; resize / 0.875 + centre crop in eval
-    download: bool = True           # fetch with torchvision's downloader when absent
+    download: bool = True           # CIFAR: fetch with torchvision's downloader when absent (folder/list: unused)
     profile: str = "exp"            # exp | step (CIFAR only, as rho, loader and crop_pad: CIFAR_ONLY)
     rho: float = 100.0              # imbalance ratio n_max / n_min, >= 1
     subset_seed: int = 0            # LDAM-DRW's rand_number: which images form the subset
