@@ -81,3 +81,13 @@ def test_la_imports_run_one_way_and_the_data_path_is_one_package(tmp_path):
         out = subprocess.run([sys.executable, "-c", f"import {m}"], cwd=tmp_path, env=env, capture_output=True,
                              text=True)
         assert out.returncode == 0, f"import {m} alone: {out.stderr}"
+
+
+def test_train_and_eval_start_without_torchvision():
+    """Importing torchvision (and the torch._dynamo its ops pull in) added about two seconds to the start of every
+    eval.py process on the CPUs here, and the test suite starts many. Only what needs torchvision imports it:
+    ResNet-34/50, CIFAR's download, image-file datasets. (train.py's optimizer imports torch._dynamo itself, later.)"""
+    code = "import sys, train, eval; print(sorted(m for m in ('torchvision', 'torch._dynamo', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as F  # here, not in the workers: forked workers inherit it, not re-import it
 
 from la import UserError
 from la.data.batches import Normalize, Planned, PlanSampler
@@ -298,12 +297,17 @@ class _Images(torch.utils.data.Dataset):
     None: evaluation, resize to size / 0.875 and centre crop (224 from 256). Returns uint8 3 x size x size."""
 
     def __init__(self, paths, labels, size, seed):
+        # Imported here, in the process that forks the DataLoader workers, so they inherit it rather than import it
+        # again; not at module level, where every CIFAR process would pay its two seconds.
+        import torchvision.transforms.functional  # noqa: F401
         self.paths, self.labels, self.size, self.seed = paths, labels, size, seed
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, item):
+        from torchvision.transforms import functional as F  # imported by __init__: a lookup in sys.modules
+
         epoch, i = item
         im = _decode(self.paths[i])
         if epoch is None:
