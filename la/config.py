@@ -45,7 +45,8 @@ class Data:
 @dataclass
 class Model:
     name: str = "resnet32"          # resnet32 | resnet32_tf (the authors' TF code's bottleneck ResNet-32) | resnet34
-                                    # (CIFAR variant) | resnet50 (torchvision's, ImageNet stem)
+                                    # (CIFAR variant) | resnet50 (torchvision's, ImageNet stem) | resnet8 (the same
+                                    # CIFAR family as resnet32, one block per stage: quick checks and the tests)
     bn_batch: int = 0               # images per batch-norm group in training; 0: each process's whole batch.
                                     # 16 normalises as 8 GPUs x 16 without SyncBN do (the seed's 8 x 16), on one device
 
@@ -119,7 +120,7 @@ CHOICES = {
     "data.profile": ("exp", "step"),
     "data.loader": ("tensor", "torchvision"),
     "data.normalize": ("mean_std", "center"),
-    "model.name": ("resnet32", "resnet32_tf", "resnet34", "resnet50"),
+    "model.name": ("resnet8", "resnet32", "resnet32_tf", "resnet34", "resnet50"),
     "loss.name": ("ce", "la", "ldam"),
     "optim.warmup_by": ("step", "epoch", "step_from_zero"),
     "optim.schedule": ("step", "cosine"),

@@ -60,6 +60,11 @@ def resnet32(num_classes):
     return CifarResNet(5, num_classes)
 
 
+def resnet8(num_classes):
+    """The same family's smallest member (one block per stage, 75k parameters): quick checks and the tests."""
+    return CifarResNet(1, num_classes)
+
+
 # ---------------------------------------------------------------- the authors' TensorFlow ResNet-32
 
 def tf_same_padding(size, kernel, stride):
@@ -165,7 +170,8 @@ def resnet50(num_classes):
     return torchvision.models.resnet50(num_classes=num_classes)
 
 
-MODELS = {"resnet32": resnet32, "resnet32_tf": resnet32_tf, "resnet34": resnet34_cifar, "resnet50": resnet50}
+MODELS = {"resnet8": resnet8, "resnet32": resnet32, "resnet32_tf": resnet32_tf, "resnet34": resnet34_cifar,
+          "resnet50": resnet50}
 
 
 class CosineClassifier(nn.Module):

@@ -73,10 +73,12 @@ def fake_root(tmp_path_factory):
     return root
 
 
-# A run small enough for a test: tiny data, tiny batches, fp32 so results do not depend on bf16 support, and
-# uncompiled (compiling takes most of a minute; tests/test_end_to_end.py has the one compiled run).
+# A run small enough for a test: tiny data, tiny batches, ResNet-8 (ResNet-32's family with one block per stage:
+# 12 M multiply-adds per image against 69 M), fp32 so results do not depend on bf16 support, and uncompiled
+# (compiling takes most of a minute; tests/test_end_to_end.py has the one compiled run).
 TINY = ["--set", "data.download=false", "--set", "data.val_per_class=2", "--set", "train.batch_size=32",
-        "--set", "train.precision=fp32", "--set", "train.compile=false", "--set", "train.eval_batch_size=64", "--rho", "10"]
+        "--set", "train.precision=fp32", "--set", "train.compile=false", "--set", "train.eval_batch_size=64",
+        "--set", "model.name=resnet8", "--rho", "10"]
 
 
 def run(args, cwd, check=True, env=None, timeout=300, **kw):
@@ -88,6 +90,28 @@ def run(args, cwd, check=True, env=None, timeout=300, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def eval_in_process(argv):
+    """(exit status, stdout, stderr) of eval.py run as its command line runs it (run_cli), in this process: for
+    tests of its flags, without the two seconds of a new interpreter importing torch."""
+    import contextlib
+    import importlib.util
+    import io
+
+    import la
+
+    spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(REPO / "eval.py"), *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            la.run_cli(ev.main)
+    finally:
+        sys.argv = argv0
+    return e.value.code, out.getvalue(), err.getvalue()
 
 
 class Payload:

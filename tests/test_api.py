@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import la
 from la import (LogitAdjustedLoss, balanced_accuracy, balanced_ci95, choose_tau, log_prior, logit_adjusted_ce,
                 losses, posthoc_adjust)
-from conftest import REPO, run
+from conftest import REPO, eval_in_process, run
 
 EVAL = REPO / "eval.py"
 COUNTS = [int(1000 * 100 ** (-i / 9)) for i in range(10)]  # CIFAR-10-LT's shape, rho = 100
@@ -121,25 +121,6 @@ def test_eval_logits_prints_the_apis_numbers(tmp_path):
     code, out_pt, _ = eval_in_process(["--logits", str(tmp_path / "model.pt")])
     assert code == 0 and out_pt.replace("model.pt", "model.npz").splitlines() == \
         [line for line in out.splitlines() if not line.startswith(("plot:", "per-class chart:"))]
-
-
-def eval_in_process(argv):
-    """(exit status, stdout, stderr) of eval.py run as its command line runs it (run_cli), in this process."""
-    import contextlib
-    import importlib.util
-    import io
-
-    spec = importlib.util.spec_from_file_location("eval_script", EVAL)
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
-    out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = [str(EVAL), *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
-            la.run_cli(ev.main)
-    finally:
-        sys.argv = argv0
-    return e.value.code, out.getvalue(), err.getvalue()
 
 
 def test_eval_logits_without_validation_shows_tau_1_and_the_oracle_only(tmp_path):

@@ -98,11 +98,11 @@ def test_a_folder_runs_image_size_is_another_step_to_time(machine):
 
 
 def plant(cache_dir, fp32, bf16):
-    """The timing cache train.py reads for the TINY runs below (1 thread, batch 32, resnet32, channels_last)."""
+    """The timing cache train.py reads for the TINY runs below (1 thread, batch 32, resnet8, channels_last)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # conftest.run gives the subprocess OMP_NUM_THREADS=1
     try:
-        key = autotune.cache_key(config.Model(), 32, True, 1, "default", "10 classes, loss ce")
+        key = autotune.cache_key(config.Model(name="resnet8"), 32, True, 1, "default", "10 classes, loss ce")
     finally:
         torch.set_num_threads(threads)
     cache_dir.mkdir(exist_ok=True)

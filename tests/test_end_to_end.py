@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, eval_in_process, run
 from la import hardware, runtime, tausweep
 
 
@@ -60,15 +60,16 @@ def test_eval_defaults_to_latest_and_says_the_total_shift_on_an_la_run(two_runs,
 def test_no_eval_flag_is_silently_ignored(two_runs, fake_root):
     cwd, _, _ = two_runs
     run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
-    out = run([REPO / "eval.py", run_dir, "--tau", "1.5", "--data-root", fake_root], cwd).stdout
-    assert "post-hoc tau=1.5" in out, "--tau implies --posthoc"
+
+    def evaluate(*flags):
+        code, out, err = eval_in_process([str(run_dir), *flags, "--data-root", str(fake_root)])
+        assert code == 0, err
+        return out
+    assert "post-hoc tau=1.5" in evaluate("--tau", "1.5"), "--tau implies --posthoc"
     assert json.loads((run_dir / "eval.json").read_text())["test"]["posthoc"]["tau"] == 1.5
-    out = run([REPO / "eval.py", run_dir, "--taus", "0:2:0.5", "--data-root", fake_root], cwd).stdout
-    assert "swept over 5 values (0..2)" in out, "--taus implies --tau-sweep"
-    out = run([REPO / "eval.py", run_dir, "--tau-rule", "one-se", "--data-root", fake_root], cwd).stdout
-    assert "rule one-se" in out, "--tau-rule implies --tau-sweep"
-    out = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", fake_root], cwd).stdout
-    assert f"rule {tausweep.DEFAULT_RULE}:" in out  # the default rule, by name
+    assert "swept over 5 values (0..2)" in evaluate("--taus", "0:2:0.5"), "--taus implies --tau-sweep"
+    assert "rule one-se" in evaluate("--tau-rule", "one-se"), "--tau-rule implies --tau-sweep"
+    assert f"rule {tausweep.DEFAULT_RULE}:" in evaluate("--tau-sweep")  # the default rule, by name
 
 
 def test_eval_matches_the_last_training_epoch(two_runs, fake_root):

@@ -16,7 +16,7 @@ import make_toy_folder  # noqa: E402
 
 FOLDER_TINY = ["--dataset", "folder", "--set", "data.image_size=32", "--set", "data.val_per_class=4",
                "--set", "data.workers=0", "--set", "train.batch_size=16", "--set", "train.precision=fp32",
-               "--set", "train.compile=false", "--set", "train.eval_batch_size=16"]
+               "--set", "train.compile=false", "--set", "train.eval_batch_size=16", "--set", "model.name=resnet8"]
 
 
 @pytest.fixture(scope="session")

@@ -52,3 +52,13 @@ def test_group_batch_norm_over_the_whole_batch_is_plain_batch_norm_and_checkpoin
     fresh = models.build("resnet32", 10)
     fresh.load_state_dict(grouped.state_dict())  # eval.py builds the plain network
     assert torch.equal(fresh.eval()(x), grouped.eval()(x))
+
+
+@pytest.mark.parametrize("name, depth, params", [("resnet32", 32, 464_154), ("resnet8", 8, 75_290)])
+def test_cifar_resnets_are_the_6n_plus_2_family(name, depth, params):
+    """He et al.'s CIFAR ResNets: 6n + 2 weighted layers (n = 5 for ResNet-32, 1 for ResNet-8, the tests' network),
+    16-32-64 channels, 10 classes; the parameter count pins the widths."""
+    net = models.build(name, 10)
+    weighted = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) == depth and models.num_params(net) == params
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

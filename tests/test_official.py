@@ -201,8 +201,9 @@ def test_drop_last_gives_only_full_batches_and_the_default_keeps_the_short_one()
 def test_official_recipe_trains_resumes_and_evaluates_with_its_own_scaling(fake_root, tmp_path):
     """A shortened official recipe end to end: its two parameter groups through a checkpoint and a resume, and
     eval.py scaling the inputs as the run trained (x / 255 - 0.5, from the recorded config)."""
-    short = ["--config", OFFICIAL10, *TINY, "--data-root", fake_root, "--loss", "la", "--set", "optim.warmup_epochs=1",
-             "--set", "optim.milestones=[1]", "--set", "train.batch_size=64", "--out", tmp_path / "run"]
+    short = ["--config", OFFICIAL10, *TINY, "--set", "model.name=resnet32_tf", "--data-root", fake_root, "--loss", "la",
+             "--set", "optim.warmup_epochs=1", "--set", "optim.milestones=[1]", "--set", "train.batch_size=64",
+             "--out", tmp_path / "run"]  # TINY's resnet8 back to the recipe's network
     run([REPO / "train.py", *short, "--epochs", "1"], cwd=tmp_path)
     run([REPO / "train.py", *short, "--epochs", "2", "--resume"], cwd=tmp_path)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

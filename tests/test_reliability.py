@@ -621,7 +621,7 @@ CASES = [
     ("eval-truncated-checkpoint", "eval", lambda d: then(_truncate(d.run / "checkpoint.pt"), d.run), "truncated or corrupt"),
     ("eval-corrupt-checkpoint", "eval", lambda d: then(_garble(d.run / "checkpoint.pt"), d.run), "truncated or corrupt"),
     ("eval-foreign-checkpoint", "eval", lambda d: _doctored_checkpoint(d, lambda c: c.pop("model")), "lacks model"),
-    ("eval-class-count-mismatch", "eval", lambda d: _doctored_checkpoint(d, _other_dataset), "does not fit a resnet32"),
+    ("eval-class-count-mismatch", "eval", lambda d: _doctored_checkpoint(d, _other_dataset), "does not fit a resnet8"),
     ("eval-other-data", "eval", lambda d: [d.run, "--data-root", d.odd], "does not give the split"),
     ("eval-data-missing", "eval", lambda d: [d.run, "--data-root", d.case / "empty"], "cifar10 not found"),
     ("eval-negative-tau", "eval", lambda d: [d.run, "--posthoc", "--tau", "-1"], "--tau -1 is negative"),

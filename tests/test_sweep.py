@@ -85,7 +85,7 @@ def test_unfinished_runs_are_marked_and_left_out_unless_asked(tmp_path):
 
 
 TINY_EXTRA = ["--set data.download=false", "--set data.val_per_class=2", "--set train.batch_size=32",
-              "--set train.precision=fp32", "--set train.compile=false"]
+              "--set train.precision=fp32", "--set train.compile=false", "--set model.name=resnet8"]
 
 
 def sweep_env(fake_root, tmp_path, name, **more):
@@ -130,9 +130,8 @@ def test_sweep_script_end_to_end_one_at_a_time_and_in_parallel(tmp_path, fake_ro
         (m1, w1, e1), (m2, w2, e2) = (run_outcome(tmp_path / f"runs_{p}" / f"rho10_{loss}_s0") for p in ("p1", "p2"))
         assert len(m1) == 1 and m1 == m2 and e1 == e2, loss
         assert all(torch.equal(w1[k], w2[k]) for k in w1), loss
-
-    again = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
-    assert again.stdout.count("(--resume)") == 2 and "epoch   1/1" not in again.stdout  # finished runs: not retrained
+    # Running the sweep again passes --resume to a run with a checkpoint (the second gpu_job.sh call below), and
+    # train.py --resume leaves a finished run as it is (test_end_to_end.py, test_a_resume_writes_the_metrics_line_...).
 
 
 def test_a_second_sweep_into_the_same_out_stops_at_once(tmp_path, fake_root):
@@ -200,35 +199,6 @@ def test_mps_whose_client_fails_is_stopped_and_unset(tmp_path):
     assert not list(tmp_path.glob("la-mps.*"))
 
 
-def test_gpu_job_packs_every_run_without_checkpoints(tmp_path, fake_root):
-    """scripts/gpu_job.sh on CPU, with a relative ARCHIVE_DIR and WORK, a stand-in GPU whose MPS serves clients and
-    a --concurrent benchmark: one daemon for bench.py and the sweep, two runs at once, evaluated, tabulated and
-    packed into one small archive."""
-    import tarfile
-
-    gpu, log = stand_in_gpu(tmp_path)
-    bench = "--synthetic --device cpu --compile false --precision fp32 --batch-size 16 --windows 1 --window-steps 1 " \
-            "--warmup-steps 0 --concurrent 1"
-    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "PARALLEL": "2", "WORK": "work", "ARCHIVE_DIR": "out", "EXTRA": " ".join(TINY_EXTRA), "BENCH": bench,
-           "MPS_PROBE": "true", "TMPDIR": str(tmp_path), **gpu}
-    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=240)
-    assert "packed" in proc.stdout
-    assert proc.stdout.count("CUDA MPS started") == 1 and "using the CUDA MPS daemon at" in proc.stdout
-    assert proc.stdout.index("CUDA MPS started") < proc.stdout.index("measuring 1 run(s) at once")
-    assert [l.split()[0] for l in log.read_text().splitlines()] == ["start", "quit"]
-    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
-        names = set(tar.getnames())
-        bench_json = json.load(tar.extractfile("./bench.json"))
-    for loss in ("ce", "la"):
-        for f in ("config.yaml", "split.json", "runtime.json", "metrics.jsonl", "eval.json", "eval.log"):
-            assert f"./runs/rho10_{loss}_s0/{f}" in names
-        assert f"./runs/rho10_{loss}_s0.log" in names
-    assert {"./job.log", "./cifar10_rho_sweep.md", "./cifar10_rho_sweep.csv"} <= names
-    assert not any(n.endswith(".pt") for n in names)
-    assert bench_json["mps"] is False  # a CPU benchmark's work never went through the daemon
-
-
 def test_a_failed_run_is_counted_and_the_sweep_goes_on_one_at_a_time(tmp_path, fake_root):
     env = sweep_env(fake_root, tmp_path, "fail")
     (tmp_path / "runs_fail" / "rho10_ce_s0").mkdir(parents=True)
@@ -238,28 +208,50 @@ def test_a_failed_run_is_counted_and_the_sweep_goes_on_one_at_a_time(tmp_path, f
     assert (tmp_path / "runs_fail" / "rho10_la_s0" / "eval.json").is_file()  # trained after the failed one
 
 
-def test_gpu_job_continues_runs_from_the_archive_it_packed_with_checkpoints(tmp_path, fake_root):
-    """CHECKPOINTS=1 packs each run's checkpoint; RESUME_FROM, on a fresh work folder (a new machine), unpacks it
-    and the sweep resumes the run instead of starting it over: a run longer than one GPU command."""
+def test_gpu_job_packs_every_run_and_a_second_call_continues_them(tmp_path, fake_root):
+    """scripts/gpu_job.sh on CPU. A first call with a relative ARCHIVE_DIR and WORK, a stand-in GPU whose MPS serves
+    clients, a --concurrent benchmark and CHECKPOINTS=1: one daemon for bench.py and the sweep, two runs at once,
+    evaluated, tabulated and packed into one small archive with their checkpoints. A second call on a fresh work
+    folder (a new machine) with RESUME_FROM that archive resumes a run instead of starting it over (a run longer
+    than one GPU command) and, without CHECKPOINTS, packs no checkpoint."""
     import tarfile
 
-    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "LOSSES": "la", "PYTHON": sys.executable,
-           "EXTRA": " ".join(TINY_EXTRA), "CHECKPOINTS": "1"}
-    job = lambda name, **more: run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False, timeout=180,
-                                   env={**env, "WORK": str(tmp_path / name), "ARCHIVE_DIR": str(tmp_path / name / "out"),
-                                        **more})
-    assert job("first", EPOCHS="1").returncode == 0
-    first = tmp_path / "first" / "out" / "results.tar.gz"
+    gpu, log = stand_in_gpu(tmp_path)
+    bench = "--synthetic --device cpu --compile false --precision fp32 --batch-size 16 --windows 1 --window-steps 1 " \
+            "--warmup-steps 0 --concurrent 1"
+    common = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "PYTHON": sys.executable,
+              "EXTRA": " ".join(TINY_EXTRA)}
+    env = {**common, "EPOCHS": "1", "PARALLEL": "2", "WORK": "work", "ARCHIVE_DIR": "out", "BENCH": bench,
+           "CHECKPOINTS": "1", "MPS_PROBE": "true", "TMPDIR": str(tmp_path), **gpu}
+    proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=240)
+    assert "packed" in proc.stdout
+    assert proc.stdout.count("CUDA MPS started") == 1 and "using the CUDA MPS daemon at" in proc.stdout
+    assert proc.stdout.index("CUDA MPS started") < proc.stdout.index("measuring 1 run(s) at once")
+    assert [l.split()[0] for l in log.read_text().splitlines()] == ["start", "quit"]
+    first = tmp_path / "out" / "results.tar.gz"
     with tarfile.open(first) as tar:
-        assert {"./runs/rho10_la_s0/checkpoint.pt", "./runs/rho10_la_s0/provenance.json"} <= set(tar.getnames())
+        names = set(tar.getnames())
+        bench_json = json.load(tar.extractfile("./bench.json"))
+    for loss in ("ce", "la"):
+        for f in ("config.yaml", "split.json", "runtime.json", "metrics.jsonl", "eval.json", "eval.log",
+                  "checkpoint.pt", "provenance.json"):
+            assert f"./runs/rho10_{loss}_s0/{f}" in names
+        assert f"./runs/rho10_{loss}_s0.log" in names
+    assert {"./job.log", "./cifar10_rho_sweep.md", "./cifar10_rho_sweep.csv"} <= names
+    assert bench_json["mps"] is False  # a CPU benchmark's work never went through the daemon
+
+    job = lambda name, **more: run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, check=False, timeout=180,
+                                   env={**common, "LOSSES": "la", "WORK": str(tmp_path / name),
+                                        "ARCHIVE_DIR": str(tmp_path / name / "out"), **more})
     second = job("second", EPOCHS="2", RESUME_FROM=str(first))
     assert second.returncode == 0 and "rho10_la_s0: training (--resume)" in second.stdout
     with tarfile.open(tmp_path / "second" / "out" / "results.tar.gz") as tar:
         lines = tar.extractfile("./runs/rho10_la_s0/metrics.jsonl").read().decode().splitlines()
+        assert not any(n.endswith(".pt") for n in tar.getnames())
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]  # epoch 1 from the first call, epoch 2 resumed
     plain = tmp_path / "plain.tar.gz"
     with tarfile.open(plain, "w:gz") as tar:
-        tar.add(tmp_path / "first" / "job.log", "./job.log")
+        tar.add(tmp_path / "work" / "job.log", "./job.log")
     refused = job("third", RESUME_FROM=str(plain))
     assert refused.returncode == 2 and "holds no checkpoint (was it packed with CHECKPOINTS=1?)" in refused.stderr
 
