@@ -94,7 +94,8 @@ def run(args, cwd, check=True, env=None, timeout=300, **kw):
 
 def eval_in_process(argv):
     """(exit status, stdout, stderr) of eval.py run as its command line runs it (run_cli), in this process: for
-    tests of its flags, without the two seconds of a new interpreter importing torch."""
+    tests of its flags and errors, without the two seconds of a new interpreter importing torch. As run() does, it
+    keeps LA_DATA_ROOT out."""
     import contextlib
     import importlib.util
     import io
@@ -104,13 +105,15 @@ def eval_in_process(argv):
     spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
-    out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = [str(REPO / "eval.py"), *argv]
+    out, err, argv0, data_root = io.StringIO(), io.StringIO(), sys.argv, os.environ.pop("LA_DATA_ROOT", None)
+    sys.argv = [str(REPO / "eval.py"), *map(str, argv)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
             la.run_cli(ev.main)
     finally:
         sys.argv = argv0
+        if data_root is not None:
+            os.environ["LA_DATA_ROOT"] = data_root
     return e.value.code, out.getvalue(), err.getvalue()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, eval_in_process, run
 from la import UserError, config, losses, models, rundir
 
 COUNTS = [5000, 500, 50]
@@ -234,5 +234,5 @@ def test_weight_normalisation_says_why_it_cannot_be_done(sweep, fake_root, tmp_p
     ldam = shutil.copytree(sweep[0] / "runs" / "rho10_ldam-drw_s0", tmp_path / "ldam")
     out = run([REPO / "eval.py", ldam, "--wnorm-tau", "1", "--data-root", fake_root], cwd=tmp_path).stdout
     assert "has a cosine classifier (--loss ldam)" in out and "wnorm T=1" not in out
-    bad = run([REPO / "eval.py", ldam, "--wnorm-tau", "-1"], cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "--wnorm-tau must be a finite number >= 0" in bad.stderr
+    code, _, err = eval_in_process([ldam, "--wnorm-tau", "-1"])
+    assert code == 2 and "--wnorm-tau must be a finite number >= 0" in err

@@ -62,7 +62,7 @@ def test_no_eval_flag_is_silently_ignored(two_runs, fake_root):
     run_dir = cwd / "runs" / "cifar10-lt_rho10_ce_s0"
 
     def evaluate(*flags):
-        code, out, err = eval_in_process([str(run_dir), *flags, "--data-root", str(fake_root)])
+        code, out, err = eval_in_process([run_dir, *flags, "--data-root", fake_root])
         assert code == 0, err
         return out
     assert "post-hoc tau=1.5" in evaluate("--tau", "1.5"), "--tau implies --posthoc"
@@ -126,8 +126,8 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     sweep = run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", data], cwd)
     assert "tau chosen on validation" in sweep.stdout and "ORACLE" in sweep.stdout
     # the cache is keyed on the data too: another --data-root computes the logits from it again
-    stale = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
-    assert stale.returncode != 0 and "not found" in stale.stderr
+    code, _, err = eval_in_process([run_dir, "--data-root", tmp_path / "nowhere"])
+    assert code != 0 and "not found" in err
     run([REPO / "eval.py", run_dir, "--tau-sweep", "--data-root", tmp_path / "moved"], cwd)
     assert torch.load(run_dir / "logits.pt", weights_only=True)["data_root"] == str(tmp_path / "moved")
     assert (run_dir / "tau_sweep.png").stat().st_size > 1000
@@ -137,8 +137,8 @@ def test_logits_are_cached_and_invalidated(two_runs, fake_root, tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     ckpt["model"]["fc.bias"] += 1.0
     torch.save(ckpt, run_dir / "checkpoint.pt")
-    stale = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
-    assert stale.returncode != 0 and "not found" in stale.stderr
+    code, _, err = eval_in_process([run_dir, "--data-root", tmp_path / "nowhere"])
+    assert code != 0 and "not found" in err
     run([REPO / "eval.py", run_dir, "--data-root", fake_root], cwd)
     assert torch.load(run_dir / "logits.pt", weights_only=True)["splits"]["test"][0].shape == (100, 10)
 
@@ -153,8 +153,8 @@ def test_a_run_kept_without_its_checkpoint_is_evaluated_from_its_logits(two_runs
     whole = json.loads((run_dir / "eval.json").read_text())
     (run_dir / "checkpoint.pt").unlink()
     # the logits are all there is: another --data-root cannot be honoured, and says so
-    proc = run([REPO / "eval.py", run_dir, "--data-root", tmp_path / "nowhere"], cwd, check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"on --data-root {tmp_path / 'nowhere'}")
+    code, _, err = eval_in_process([run_dir, "--data-root", tmp_path / "nowhere"])
+    assert code == 2 and err.strip().endswith(f"on --data-root {tmp_path / 'nowhere'}")
     before = (run_dir / "eval.json").read_bytes()
     out = run([REPO / "eval.py", run_dir, "--posthoc", "--tau-sweep"], cwd)
     assert "left unchanged" in out.stdout  # the same numbers: eval.json (and a committed copy of it) is not rewritten
@@ -168,8 +168,8 @@ def test_a_run_kept_without_its_checkpoint_is_evaluated_from_its_logits(two_runs
     cache = torch.load(run_dir / "logits.pt", weights_only=True)
     del cache["checkpoint_state"]  # a cache from before the state was kept: how far the run got is unknown
     torch.save(cache, run_dir / "logits.pt")
-    proc = run([REPO / "eval.py", run_dir], cwd, check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("its logits.pt does not say how far the run got")
+    code, _, err = eval_in_process([run_dir])
+    assert code == 2 and err.strip().endswith("its logits.pt does not say how far the run got")
 
 
 def test_an_unfinished_run_is_marked(two_runs, fake_root, tmp_path):
