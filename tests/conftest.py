@@ -79,6 +79,8 @@ def fake_root(tmp_path_factory):
 TINY = ["--set", "data.download=false", "--set", "data.val_per_class=2", "--set", "train.batch_size=32",
         "--set", "train.precision=fp32", "--set", "train.compile=false", "--set", "train.eval_batch_size=64",
         "--set", "model.name=resnet8", "--rho", "10"]
+# The same run as the scripts' EXTRA (one string, split on spaces); they set rho themselves.
+TINY_EXTRA = " ".join(TINY[:TINY.index("--rho")])
 
 
 def run(args, cwd, check=True, env=None, timeout=300, **kw):

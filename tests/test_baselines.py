@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, eval_in_process, run
+from conftest import REPO, TINY, TINY_EXTRA, eval_in_process, run
 from la import UserError, config, losses, models, rundir
 
 COUNTS = [5000, 500, 50]
@@ -184,10 +184,9 @@ def sweep(fake_root, tmp_path_factory):
     """scripts/sweep_rho.sh with LOSSES="ce wnorm ldam-drw" on tiny data: a CE and an LDAM-DRW run, evaluated and
     tabulated. Returns (working directory, the script's output, its environment)."""
     cwd = tmp_path_factory.mktemp("baselines")
-    extra = "--set data.download=false --set data.val_per_class=2 --set train.batch_size=32 " \
-            "--set train.precision=fp32 --set train.compile=false --set model.name=resnet8 --set loss.drw_epoch=0"
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "OUT": str(cwd / "runs"), "RESULTS": str(cwd / "results"), "EXTRA": extra, "LOSSES": "ce wnorm ldam-drw"}
+           "OUT": str(cwd / "runs"), "RESULTS": str(cwd / "results"), "EXTRA": TINY_EXTRA + " --set loss.drw_epoch=0",
+           "LOSSES": "ce wnorm ldam-drw"}
     return cwd, run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=cwd, env=env, timeout=240).stdout, env
 
 

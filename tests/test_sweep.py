@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from conftest import REPO, run
+from conftest import REPO, TINY_EXTRA, run
 
 spec = importlib.util.spec_from_file_location("sweep_table", REPO / "scripts" / "sweep_table.py")
 sweep_table = importlib.util.module_from_spec(spec)
@@ -84,14 +84,10 @@ def test_unfinished_runs_are_marked_and_left_out_unless_asked(tmp_path):
     assert rows["Loss adjustment"][0] == "76.00 (n=1/2; 1 unfinished left out; seed 80.26; paper 77.67)"
 
 
-TINY_EXTRA = ["--set data.download=false", "--set data.val_per_class=2", "--set train.batch_size=32",
-              "--set train.precision=fp32", "--set train.compile=false", "--set model.name=resnet8"]
-
-
 def sweep_env(fake_root, tmp_path, name, **more):
     return {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
             "OUT": str(tmp_path / f"runs_{name}"), "RESULTS": str(tmp_path / f"results_{name}"), "OMP_NUM_THREADS": "1",
-            "EXTRA": " ".join(TINY_EXTRA), **more}
+            "EXTRA": TINY_EXTRA, **more}
 
 
 def run_outcome(run_dir):
@@ -157,7 +153,7 @@ def test_parallel_must_be_a_count(tmp_path):
 def test_time_limit_stops_training_and_still_tabulates(tmp_path, fake_root):
     env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
            "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), "TIME_LIMIT": "1",
-           "EXTRA": " ".join(TINY_EXTRA)}
+           "EXTRA": TINY_EXTRA}
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     assert proc.stdout.count("stopped by TIME_LIMIT=1 s, not evaluated") == 2
     assert not list((tmp_path / "runs").glob("*/eval.json"))
@@ -220,7 +216,7 @@ def test_gpu_job_packs_every_run_and_a_second_call_continues_them(tmp_path, fake
     bench = "--synthetic --device cpu --compile false --precision fp32 --batch-size 16 --windows 1 --window-steps 1 " \
             "--warmup-steps 0 --concurrent 1"
     common = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "PYTHON": sys.executable,
-              "EXTRA": " ".join(TINY_EXTRA)}
+              "EXTRA": TINY_EXTRA}
     env = {**common, "EPOCHS": "1", "PARALLEL": "2", "WORK": "work", "ARCHIVE_DIR": "out", "BENCH": bench,
            "CHECKPOINTS": "1", "MPS_PROBE": "true", "TMPDIR": str(tmp_path), **gpu}
     proc = run(["bash", REPO / "scripts" / "gpu_job.sh"], cwd=tmp_path, env=env, timeout=240)
