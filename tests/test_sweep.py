@@ -151,13 +151,11 @@ def test_parallel_must_be_a_count(tmp_path):
 
 
 def test_time_limit_stops_training_and_still_tabulates(tmp_path, fake_root):
-    env = {"DATA_ROOT": str(fake_root), "RHOS": "10", "SEEDS": "0", "EPOCHS": "1", "PYTHON": sys.executable,
-           "OUT": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results"), "TIME_LIMIT": "1",
-           "EXTRA": TINY_EXTRA}
+    env = sweep_env(fake_root, tmp_path, "limit", TIME_LIMIT="1")
     proc = run(["bash", REPO / "scripts" / "sweep_rho.sh"], cwd=tmp_path, env=env, timeout=120)
     assert proc.stdout.count("stopped by TIME_LIMIT=1 s, not evaluated") == 2
-    assert not list((tmp_path / "runs").glob("*/eval.json"))
-    assert "| Baseline | — (seed 89.39) |" in (tmp_path / "results" / "cifar10_rho_sweep.md").read_text()
+    assert not list((tmp_path / "runs_limit").glob("*/eval.json"))
+    assert "| Baseline | — (seed 89.39) |" in (tmp_path / "results_limit" / "cifar10_rho_sweep.md").read_text()
 
 
 def stand_in_gpu(tmp_path):
