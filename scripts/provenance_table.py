@@ -5,7 +5,7 @@
     python scripts/provenance_table.py --check   # exit 1 unless RESULTS.md holds exactly this table
 
 A run is a folder under results/ with a metrics.jsonl, except under results/in_progress/ (training state, not yet
-a result). Per run: the commit of each start and resume, the hardware,
+a result). Per run: the commit of each start and resume, the hardware (each in turn, where a resume moved it),
 the precision, whether the step was compiled, how many times it was resumed, and the training time (the sum of its
 epochs' seconds in metrics.jsonl, evaluation excluded). Commits, hardware and resumes come from provenance.json,
 precision and compile from runtime.json, else config.yaml; what a run trained before those files existed does not
@@ -44,7 +44,9 @@ def describe(run_dir, note, flags):
     if (run_dir / "provenance.json").exists():
         sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
         commits = list(dict.fromkeys(s["git_commit"][:7] for s in sessions if s["git_commit"]))
-        device, resumes = sessions[0]["device"], len(sessions) - 1
+        devices = [s["device"] for s in sessions]  # a run resumed on other hardware lists each, in order
+        device = ", then ".join(d for i, d in enumerate(devices) if i == 0 or d != devices[i - 1])
+        resumes = len(sessions) - 1
     precision, compiled = note.get("precision"), note.get("compiled")
     if (run_dir / "runtime.json").exists():
         runtime = json.loads((run_dir / "runtime.json").read_text())
