@@ -11,6 +11,7 @@ epochs' seconds in metrics.jsonl, evaluation excluded). Commits, hardware and re
 precision and compile from runtime.json, else config.yaml; what a run trained before those files existed does not
 record comes from results/provenance_notes.json, as does each CPU's flags.
 """
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -44,8 +45,8 @@ def describe(run_dir, note, flags):
     if (run_dir / "provenance.json").exists():
         sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
         commits = list(dict.fromkeys(s["git_commit"][:7] for s in sessions if s["git_commit"]))
-        devices = [s["device"] for s in sessions]  # a run resumed on other hardware lists each, in order
-        device = ", then ".join(d for i, d in enumerate(devices) if i == 0 or d != devices[i - 1])
+        # a run resumed on other hardware lists each, in order (consecutive starts on one machine once)
+        device = ", then ".join(d for d, _ in itertools.groupby(s["device"] for s in sessions))
         resumes = len(sessions) - 1
     precision, compiled = note.get("precision"), note.get("compiled")
     if (run_dir / "runtime.json").exists():
