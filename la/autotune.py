@@ -126,6 +126,7 @@ def _agree(values, keys, ctx):
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t)}
 
 
+AS_STARTED = "as the run started"
 KEYS = ("fp32", "bf16", "compiled_fp32", "compiled_bf16")  # eager and compiled seconds per step, per precision
 
 
@@ -154,7 +155,7 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
     if saved:  # a resumed run trains as it started; explicit settings still win (compile may change on resume)
         prec = saved["precision"] if tc.precision == "auto" else tc.precision
         use_compile = saved["compile"] if tc.compile == "auto" else tc.compile == "true"
-        why = {k: "as the run started" for k in ("precision", "compile") if getattr(tc, k) == "auto"}
+        why = {k: _as_started(saved.get("why", {}).get(k)) for k in ("precision", "compile") if getattr(tc, k) == "auto"}
         return _finish(tc, ctx, prec, use_compile, why, saved.get("seconds_per_step", {}), compile_model)
     if ctx.device.type != "cpu" or (tc.precision != "auto" and tc.compile != "auto"):
         why = {k: "auto" for k in ("precision", "compile") if getattr(tc, k) == "auto"}
@@ -199,6 +200,13 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
     if use_compile and compiled is None:
         compiled = compile_model()
     return Runtime(ctx.device, prec, use_compile, False, tc.channels_last, why, timings), compiled if use_compile else None
+
+
+def _as_started(reason):
+    """A resumed run's reason for a setting: the one it started with, kept through any number of resumes."""
+    if not reason or reason.startswith(AS_STARTED):
+        return reason or AS_STARTED
+    return f"{AS_STARTED}: {reason}"
 
 
 def _finish(tc, ctx, prec, use_compile, why, timings, compile_model):

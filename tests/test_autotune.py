@@ -64,6 +64,20 @@ def test_explicit_settings_are_obeyed_and_nothing_is_measured(machine):
     assert (runtime.precision, runtime.compile, calls) == ("bf16", False, [])
 
 
+def test_a_resumed_run_keeps_its_settings_and_the_reason_it_started_with(machine):
+    started, _, _ = choose({"fp32": 1.0, "bf16": 0.5, "compiled_bf16": 0.3})
+    resumed, compiled = autotune.choose(config.Train(), config.Model(), CPU, None, lambda: "c", 10_000,
+                                        saved=started.to_dict(), timer=lambda *a: pytest.fail("a resumed run measured"))
+    assert (resumed.precision, resumed.compile, compiled) == ("bf16", True, "c")
+    assert resumed.why["compile"] == "as the run started: auto, measured: eager 0.5 s/step, compiled 0.3 s/step"
+    again, _ = autotune.choose(config.Train(), config.Model(), CPU, None, lambda: "c", 10_000, saved=resumed.to_dict())
+    assert again.why == resumed.why  # a second resume does not stack the prefix
+    explicit, _, _ = choose({}, precision="fp32", compile="false")  # started with explicit settings, resumed at auto
+    resumed, _ = autotune.choose(config.Train(), config.Model(), CPU, None, lambda: "c", 10_000, saved=explicit.to_dict())
+    assert (resumed.precision, resumed.compile, resumed.why) == ("fp32", False, {"precision": "as the run started",
+                                                                                 "compile": "as the run started"})
+
+
 def test_timings_are_cached_per_machine_and_model(machine):
     planted = {"fp32": 1.0, "bf16": 0.5, "compiled_bf16": 0.3}
     first, _, calls = choose(planted)
@@ -127,7 +141,8 @@ def test_train_py_follows_planted_timings_and_a_resumed_run_keeps_its_precision(
     plant(cache, fp32=1.0, bf16=2.0)  # the machine changed its mind: a started run keeps its precision
     proc = run([REPO / "train.py", "--data-root", fake_root, "--out", out, "--epochs", "2", "--resume"] + auto(TINY),
                tmp_path, env=env)
-    assert "precision bf16 (as the run started)" in proc.stdout
+    assert "precision bf16 (as the run started: auto, cached: fp32 2 s/step, bf16 1 s/step)" in proc.stdout
+    assert json.loads((out / "runtime.json").read_text())["why"]["precision"].endswith("fp32 2 s/step, bf16 1 s/step")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["runtime"]["precision"] == "bf16"
 
 
