@@ -204,8 +204,10 @@ def choose(tc, model_cfg, ctx, probe, compile_model, steps_left, saved=None, tim
 
 def _as_started(reason):
     """A resumed run's reason for a setting: the one it started with, kept through any number of resumes."""
-    if not reason or reason.startswith(AS_STARTED):
-        return reason or AS_STARTED
+    if not reason:  # the run started with an explicit setting
+        return AS_STARTED
+    if reason.startswith(AS_STARTED):  # resumed before: the reason already carries the prefix
+        return reason
     return f"{AS_STARTED}: {reason}"
 
 
